@@ -1,0 +1,31 @@
+"""Shared fixtures. Simulated CPU devices must be requested before jax is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from transvw_jax.models import YNet3D, init_variables  # noqa: E402
+
+
+def random_cubes(shape=(2, 16, 16, 8, 1), seed=0) -> np.ndarray:
+    """Cubes with values in [0, 1], like normalised CT."""
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def trained_stats(model, variables, x):
+    """Variables after one training-mode forward, so batch_stats differ from their init."""
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+
+
+@pytest.fixture(scope="session")
+def small_ynet():
+    """A narrow YNet3D (width 4, 6 classes) with non-trivial running statistics."""
+    model = YNet3D(num_classes=6, width=4)
+    variables = trained_stats(model, init_variables(model, jax.random.key(1)), random_cubes(seed=1))
+    return model, variables

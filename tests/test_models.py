@@ -1,0 +1,155 @@
+"""The Flax U-Net family: reference parameter counts, layouts, BatchNorm modes, dtypes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_cubes
+from flax.traverse_util import flatten_dict
+
+from transvw_jax.models import EncoderClassifier, UNet3D, YNet3D, build_model, init_variables
+from transvw_jax.models.layers import BatchNorm, ConvTranspose2x, max_pool_2x
+
+
+def n_params(model) -> int:
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (UNet3D(), 19_073_665),
+        (YNet3D(num_classes=44), 33_277_613),
+        (YNet3D(num_classes=200), 33_437_513),
+        (EncoderClassifier(num_classes=44), 21_231_724),
+    ],
+    ids=["unet3d", "ynet3d-44", "ynet3d-200", "encoder-44"],
+)
+def test_parameter_counts_match_the_reference(model, expected):
+    assert n_params(model) == expected
+
+
+def test_output_shapes_and_ranges():
+    model = YNet3D(num_classes=6, width=4)
+    variables = init_variables(model, jax.random.key(0))
+    x = random_cubes((3, 16, 24, 8, 1))
+    restoration, logits = model.apply(variables, x, train=False)
+    assert restoration.shape == x.shape and restoration.dtype == jnp.float32
+    assert logits.shape == (3, 6) and logits.dtype == jnp.float32
+    assert float(restoration.min()) >= 0.0 and float(restoration.max()) <= 1.0
+
+
+def test_input_must_be_divisible_by_8():
+    model = UNet3D(width=4)
+    variables = init_variables(model, jax.random.key(0))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model.apply(variables, random_cubes((1, 16, 16, 12, 1)), train=False)
+
+
+def test_conv_transpose_writes_one_block_per_voxel():
+    """out[2x+i, 2y+j, 2z+k] = x[x, y, z] @ W[i, j, k] + b, checked against a loop."""
+    layer = ConvTranspose2x(features=3)
+    x = random_cubes((1, 2, 3, 2, 5))
+    variables = layer.init(jax.random.key(0), x)
+    w = np.asarray(variables["params"]["kernel"])
+    b = np.asarray(variables["params"]["bias"])
+    expected = np.zeros((1, 4, 6, 4, 3), np.float32)
+    for ix, iy, iz in np.ndindex(2, 3, 2):
+        for i, j, k in np.ndindex(2, 2, 2):
+            expected[0, 2 * ix + i, 2 * iy + j, 2 * iz + k] = x[0, ix, iy, iz] @ w[i, j, k] + b
+    np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_matches_flax_max_pool():
+    x = jnp.asarray(random_cubes((2, 8, 4, 6, 3)))
+    expected = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+    np.testing.assert_array_equal(max_pool_2x(x), expected)
+
+
+def test_reference_bn_uses_batch_statistics_in_evaluation(small_ynet):
+    model, variables = small_ynet
+    x = random_cubes(seed=5)
+    in_train, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    in_eval = model.apply(variables, x, train=False)
+    np.testing.assert_allclose(in_eval[0], in_train[0], rtol=1e-6, atol=1e-6)
+    # Statistics of the batch, not running averages: a single cube's output depends on
+    # what else is in the batch.
+    alone, _ = model.apply(variables, x[:1], train=False)
+    assert np.abs(np.asarray(alone) - np.asarray(in_eval[0][:1])).max() > 1e-4
+
+
+def test_standard_bn_uses_running_statistics_in_evaluation(small_ynet):
+    _, variables = small_ynet
+    model = YNet3D(num_classes=6, width=4, bn="standard")
+    x = random_cubes(seed=5)
+    batch, _ = model.apply(variables, x, train=False)
+    alone, _ = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(alone, batch[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_running_statistics_follow_pytorch():
+    """momentum 0.1 and the unbiased batch variance, as torch.nn.BatchNorm3d."""
+    torch = pytest.importorskip("torch")
+    x = random_cubes((2, 4, 4, 2, 3), seed=3) * 5 + 2
+    bn = BatchNorm()
+    variables = bn.init(jax.random.key(0), x, train=False)
+    y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    ref = torch.nn.BatchNorm3d(3).train()
+    y_ref = ref(torch.from_numpy(x.transpose(0, 4, 1, 2, 3))).detach().numpy().transpose(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], ref.running_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], ref.running_var.numpy(), rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(small_ynet):
+    _, variables = small_ynet
+    x = random_cubes(seed=2)
+    reference = YNet3D(num_classes=6, width=4).apply(variables, x, train=False)
+    model = YNet3D(num_classes=6, width=4, dtype=jnp.bfloat16)
+    fresh = init_variables(model, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(fresh))
+    restoration, logits = model.apply(variables, x, train=False)
+    assert restoration.dtype == jnp.float32 and logits.dtype == jnp.float32
+    np.testing.assert_allclose(restoration, reference[0], atol=3e-2)
+    np.testing.assert_allclose(logits, reference[1], atol=5e-2)
+
+
+def test_encoder_classifier_takes_ynet_weights(small_ynet):
+    model, variables = small_ynet
+    classifier = EncoderClassifier(num_classes=6, width=4)
+    like = jax.eval_shape(lambda: init_variables(classifier, jax.random.key(0)))
+    for collection in ("params", "batch_stats"):
+        ours = set(flatten_dict(like[collection]))
+        assert ours and ours <= set(flatten_dict(variables[collection]))
+    subset = {c: {k: variables[c][k] for k in like[c]} for c in ("params", "batch_stats")}
+    x = random_cubes(seed=4)
+    _, ynet_logits = model.apply(variables, x, train=False)
+    np.testing.assert_allclose(classifier.apply(subset, x, train=False), ynet_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_training_updates_only_batch_stats_collection(small_ynet):
+    model, variables = small_ynet
+    _, updates = model.apply(variables, random_cubes(seed=9), train=True, mutable=["batch_stats"])
+    before = flatten_dict(variables["batch_stats"])
+    after = flatten_dict(updates["batch_stats"])
+    assert before.keys() == after.keys()
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"name": "vnet"}, "model.name"),
+        ({"width": 0}, "model.width"),
+        ({"bn": "sync"}, "model.bn"),
+        ({"dtype": "float16"}, "model.dtype"),
+        ({"num_classes": 0}, "model.num_classes"),
+    ],
+)
+def test_build_model_names_the_bad_key(cfg, match):
+    from transvw_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        build_model(cfg)

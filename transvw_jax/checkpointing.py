@@ -1,0 +1,103 @@
+"""Orbax checkpoints behind two calls, so that an Orbax API change is a one-file change.
+
+Layout of `<workdir>/checkpoints/<step>/`: the item `variables` holds the model's
+`{'params', 'batch_stats'}`; later items (optimiser state, RNG, data iterator) sit beside
+it, so export and fine-tuning read the weights without knowing the training state.
+Orbax writes each step to a temporary directory and renames it when complete, so a
+half-written step is never listed, never restored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
+
+from transvw_jax.errors import CheckpointError
+
+VARIABLES = "variables"
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def _manager(directory: Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(
+        directory, options=options, item_handlers={VARIABLES: ocp.StandardCheckpointHandler()}
+    )
+
+
+def save(workdir: str | os.PathLike, step: int, variables: Mapping[str, Any],
+         max_to_keep: int | None = None) -> None:
+    """Save the model variables as checkpoint `step` under `<workdir>/checkpoints`."""
+    with _manager(checkpoint_dir(workdir), max_to_keep) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(dict(variables))}))
+        mngr.wait_until_finished()
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The newest complete checkpoint step under `<workdir>/checkpoints`, or None."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return None
+    with _manager(directory) as mngr:
+        return mngr.latest_step()
+
+
+def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
+                      step: int | None = None) -> tuple[int, dict] | None:
+    """Restore the model variables of checkpoint `step` (default: the latest).
+
+    Args:
+      workdir: the run directory holding `checkpoints/`.
+      like: variables (or `jax.eval_shape` structs) of the model the config describes.
+
+    Returns:
+      (step, variables), or None when the directory holds no complete checkpoint.
+
+    Raises:
+      CheckpointError naming the first parameter whose shape differs (a checkpoint of
+      another architecture, width or class count) or a missing/unreadable item.
+    """
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return None
+    with _manager(directory) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            return None
+        where = directory / str(step)
+        try:
+            stored = mngr.item_metadata(step)[VARIABLES]
+        except Exception as e:  # noqa: BLE001 - Orbax raises various types
+            raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
+        if stored is None:
+            raise CheckpointError(f"{where}: no '{VARIABLES}' item in this checkpoint")
+        _check_shapes(where, getattr(stored, "tree", stored), like)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dict(like))
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(abstract)})
+        )
+        return step, dict(restored[VARIABLES])
+
+
+def _check_shapes(where: Path, stored: Any, like: Mapping[str, Any]) -> None:
+    have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(stored)).items()}
+    want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(like)).items()}
+    for key, shape in want.items():
+        if key not in have:
+            raise CheckpointError(f"{where}: checkpoint has no {key}: another architecture?")
+        if have[key] != shape:
+            raise CheckpointError(
+                f"{where}: {key} has shape {have[key]}, the configured model needs {shape}"
+            )
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise CheckpointError(f"{where}: checkpoint has {extra[0]}, which the configured model lacks")

@@ -1,0 +1,22 @@
+"""User-facing errors: each carries one line that names the file or key at fault.
+
+`main` turns them into that line on stderr and a non-zero exit code instead of a
+traceback: ConfigError (a bad config file, key, value or stage) exits with 2, any other
+TransVWError with 1.
+"""
+
+
+class TransVWError(Exception):
+    """An error caused by the user's input (a file, a key, a value), not by a bug."""
+
+    exit_code = 1
+
+
+class ConfigError(TransVWError):
+    """A bad config file, config key or config value."""
+
+    exit_code = 2
+
+
+class CheckpointError(TransVWError):
+    """A missing, corrupt or mismatched checkpoint or weight file."""

@@ -1,0 +1,97 @@
+"""Entry point: python -m transvw_jax.main --config configs/demo.py --workdir runs/demo
+
+Intentionally thin: the logic lives in `stages.py` and the modules it calls, which tests
+import directly. Bad input (a missing config file, an unknown key in an override, an
+unknown stage, an unreadable checkpoint) prints one line and exits non-zero: 2 for
+command-line and config errors, 1 for other input errors.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from transvw_jax import stages
+from transvw_jax.errors import TransVWError
+
+FLAGS = flags.FLAGS
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, exports.")
+config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file, optionally path:arg.", lock_config=True
+)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _one_line(e: BaseException) -> str:
+    """A flag or config-file error as one line: its first line and, when it embeds a
+    traceback (a config file that raised), the traceback's last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0]} {lines[-1]}"
+    return " ".join(lines)
+
+
+def _unknown_key(e: BaseException, argv: list[str]) -> str:
+    """Name the override whose key the config lacks (ml_collections raises a bare,
+    repeatedly quoted key, sometimes with a did-you-mean hint)."""
+    text = str(e)
+    found = re.search(r"(\w+)", text)
+    key = found.group(1) if found else text
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
+    hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+    for arg in argv:
+        path = arg.split("=", 1)[0]
+        if path.startswith("--config.") and key in path.split(".")[1:]:
+            return f"{arg}: unknown config key {key!r}{hint}"
+    return f"unknown config key {key!r}{hint}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but bad input gives one line and exit code 2 (absl exits 1)."""
+    try:
+        rest = FLAGS(argv)
+        if FLAGS["config"].value is not None:
+            FLAGS.config.get("stages")  # config_flags loads lazily: fail here, not later
+    except flags.Error as e:
+        _fail(_one_line(e), 2)
+    except OSError as e:
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:]
+        _fail(f"cannot load the config file given to --config: {' '.join(reason)}", 2)
+    except (AttributeError, KeyError) as e:
+        _fail(_unknown_key(e, argv), 2)
+    except Exception as e:  # noqa: BLE001 - a config file can raise anything (SyntaxError...)
+        _fail(f"cannot load the config file given to --config: {type(e).__name__}: "
+              f"{_one_line(e)}", 2)
+    missing = [f"--{name}" for name in ("config", "workdir") if FLAGS[name].value is None]
+    if missing:
+        _fail(f"missing required flag(s) {' '.join(missing)}", 2)
+    if len(rest) > 1:
+        _fail(f"unexpected arguments: {' '.join(rest[1:])}", 2)
+    return rest
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.INFO)
+    try:
+        stages.run(FLAGS.config, _WORKDIR.value)
+    except TransVWError as e:
+        _fail(str(e), e.exit_code)
+
+
+def run() -> None:
+    """Console-script entry point (`transvw-jax`)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
