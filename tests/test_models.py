@@ -5,15 +5,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_cubes
+from conftest import jit_apply, random_cubes
 from flax.traverse_util import flatten_dict
 
-from transvw_jax.models import EncoderClassifier, UNet3D, YNet3D, build_model, init_variables
+from transvw_jax.models import (
+    EncoderClassifier,
+    UNet3D,
+    YNet3D,
+    abstract_variables,
+    build_model,
+    init_variables,
+)
 from transvw_jax.models.layers import BatchNorm, ConvTranspose2x, max_pool_2x
 
 
 def n_params(model) -> int:
-    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    shapes = abstract_variables(model)
     return sum(x.size for x in jax.tree.leaves(shapes["params"]))
 
 
@@ -35,7 +42,7 @@ def test_output_shapes_and_ranges():
     model = YNet3D(num_classes=6, width=4)
     variables = init_variables(model, jax.random.key(0))
     x = random_cubes((3, 16, 24, 8, 1))
-    restoration, logits = model.apply(variables, x, train=False)
+    restoration, logits = jit_apply(model)(variables, x, train=False)
     assert restoration.shape == x.shape and restoration.dtype == jnp.float32
     assert logits.shape == (3, 6) and logits.dtype == jnp.float32
     assert float(restoration.min()) >= 0.0 and float(restoration.max()) <= 1.0
@@ -45,7 +52,7 @@ def test_input_must_be_divisible_by_8():
     model = UNet3D(width=4)
     variables = init_variables(model, jax.random.key(0))
     with pytest.raises(ValueError, match="divisible by 8"):
-        model.apply(variables, random_cubes((1, 16, 16, 12, 1)), train=False)
+        jit_apply(model)(variables, random_cubes((1, 16, 16, 12, 1)), train=False)
 
 
 def test_conv_transpose_writes_one_block_per_voxel():
@@ -71,12 +78,12 @@ def test_max_pool_matches_flax_max_pool():
 def test_reference_bn_uses_batch_statistics_in_evaluation(small_ynet):
     model, variables = small_ynet
     x = random_cubes(seed=5)
-    in_train, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    in_eval = model.apply(variables, x, train=False)
+    in_train, _ = jit_apply(model)(variables, x, train=True, mutable=("batch_stats",))
+    in_eval = jit_apply(model)(variables, x, train=False)
     np.testing.assert_allclose(in_eval[0], in_train[0], rtol=1e-6, atol=1e-6)
     # Statistics of the batch, not running averages: a single cube's output depends on
     # what else is in the batch.
-    alone, _ = model.apply(variables, x[:1], train=False)
+    alone, _ = jit_apply(model)(variables, x[:1], train=False)
     assert np.abs(np.asarray(alone) - np.asarray(in_eval[0][:1])).max() > 1e-4
 
 
@@ -84,8 +91,8 @@ def test_standard_bn_uses_running_statistics_in_evaluation(small_ynet):
     _, variables = small_ynet
     model = YNet3D(num_classes=6, width=4, bn="standard")
     x = random_cubes(seed=5)
-    batch, _ = model.apply(variables, x, train=False)
-    alone, _ = model.apply(variables, x[:1], train=False)
+    batch, _ = jit_apply(model)(variables, x, train=False)
+    alone, _ = jit_apply(model)(variables, x[:1], train=False)
     np.testing.assert_allclose(alone, batch[:1], rtol=1e-5, atol=1e-6)
 
 
@@ -106,11 +113,11 @@ def test_batchnorm_running_statistics_follow_pytorch():
 def test_bfloat16_compute_keeps_float32_parameters(small_ynet):
     _, variables = small_ynet
     x = random_cubes(seed=2)
-    reference = YNet3D(num_classes=6, width=4).apply(variables, x, train=False)
+    reference = jit_apply(YNet3D(num_classes=6, width=4))(variables, x, train=False)
     model = YNet3D(num_classes=6, width=4, dtype=jnp.bfloat16)
     fresh = init_variables(model, jax.random.key(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(fresh))
-    restoration, logits = model.apply(variables, x, train=False)
+    restoration, logits = jit_apply(model)(variables, x, train=False)
     assert restoration.dtype == jnp.float32 and logits.dtype == jnp.float32
     np.testing.assert_allclose(restoration, reference[0], atol=3e-2)
     np.testing.assert_allclose(logits, reference[1], atol=5e-2)
@@ -119,19 +126,20 @@ def test_bfloat16_compute_keeps_float32_parameters(small_ynet):
 def test_encoder_classifier_takes_ynet_weights(small_ynet):
     model, variables = small_ynet
     classifier = EncoderClassifier(num_classes=6, width=4)
-    like = jax.eval_shape(lambda: init_variables(classifier, jax.random.key(0)))
+    like = abstract_variables(classifier)
     for collection in ("params", "batch_stats"):
         ours = set(flatten_dict(like[collection]))
         assert ours and ours <= set(flatten_dict(variables[collection]))
     subset = {c: {k: variables[c][k] for k in like[c]} for c in ("params", "batch_stats")}
     x = random_cubes(seed=4)
-    _, ynet_logits = model.apply(variables, x, train=False)
-    np.testing.assert_allclose(classifier.apply(subset, x, train=False), ynet_logits, rtol=1e-6, atol=1e-6)
+    _, ynet_logits = jit_apply(model)(variables, x, train=False)
+    logits = jit_apply(classifier)(subset, x, train=False)
+    np.testing.assert_allclose(logits, ynet_logits, rtol=1e-6, atol=1e-6)
 
 
 def test_training_updates_only_batch_stats_collection(small_ynet):
     model, variables = small_ynet
-    _, updates = model.apply(variables, random_cubes(seed=9), train=True, mutable=["batch_stats"])
+    _, updates = jit_apply(model)(variables, random_cubes(seed=9), train=True, mutable=("batch_stats",))
     before = flatten_dict(variables["batch_stats"])
     after = flatten_dict(updates["batch_stats"])
     assert before.keys() == after.keys()

@@ -18,7 +18,7 @@ import ml_collections
 
 from transvw_jax import checkpointing, export
 from transvw_jax.errors import ConfigError
-from transvw_jax.models import build_model, init_variables
+from transvw_jax.models import abstract_variables, build_model, init_variables
 
 EXPORT_FORMATS = ("pt", "safetensors")
 
@@ -27,7 +27,7 @@ def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write `<workdir>/export/transvw.{pt,safetensors}` from the latest checkpoint."""
     model = build_model(config.model)
     key = jax.random.key(config.seed)
-    like = jax.eval_shape(lambda: init_variables(model, key))
+    like = abstract_variables(model)
     restored = checkpointing.restore_variables(workdir, like)
     if restored is None:
         logging.warning("no checkpoint in %s: exporting a fresh initialisation (seed %d)",
