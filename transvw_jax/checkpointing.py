@@ -91,7 +91,7 @@ def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
 def _check_shapes(where: Path, stored: Any, like: Mapping[str, Any]) -> None:
     have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(stored)).items()}
     want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(like)).items()}
-    for key, shape in want.items():
+    for key, shape in sorted(want.items(), key=lambda kv: (not kv[0].startswith("params/"), kv[0])):
         if key not in have:
             raise CheckpointError(f"{where}: checkpoint has no {key}: another architecture?")
         if have[key] != shape:

@@ -25,6 +25,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from transvw_jax.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 HEAD_PREFIX = "clc_out."
 # Reference registration order of the top-level blocks; keys are emitted in this order.
 _TOP_ORDER = [
@@ -247,10 +249,10 @@ def _merge_into(loaded: Variables, like: Mapping[str, Any], strict: bool) -> Var
         raise CheckpointError(f"unexpected keys (use strict=False to drop them): {', '.join(extra)}")
     if missing:
         kind = "visual-word head" if not other_missing else "keys"
-        logging.warning("%s not in the checkpoint, kept from initialisation: %s",
+        log.warning("%s not in the checkpoint, kept from initialisation: %s",
                         kind, ", ".join(head_only + other_missing))
     if extra:
-        logging.warning("dropped keys the model does not have: %s", ", ".join(extra))
+        log.warning("dropped keys the model does not have: %s", ", ".join(extra))
     return result
 
 
