@@ -140,6 +140,13 @@ def test_missing_head_is_taken_from_the_model(small_ynet, caplog):
     assert_trees_equal(loaded["batch_stats"]["up_tr64"], variables["batch_stats"]["up_tr64"])
 
 
+def test_missing_head_needs_initialised_values(small_ynet):
+    model, variables = small_ynet
+    unet_only = export.to_torch_state_dict(variables, head=False)
+    with pytest.raises(CheckpointError, match=r"missing keys clc_out\..*pass initialised variables"):
+        export.from_torch_state_dict(unet_only, like=abstract_variables(model))
+
+
 def test_extra_keys_are_named(small_ynet, caplog):
     _, variables = small_ynet
     sd = export.to_torch_state_dict(variables)

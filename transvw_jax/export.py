@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -208,7 +209,8 @@ def from_torch_state_dict(
         logged by name (e.g. a YNet3D checkpoint into UNet3D or EncoderClassifier).
 
     Returns:
-      {'params': ..., 'batch_stats': ...} as nested dicts of float32 numpy arrays.
+      {'params': ..., 'batch_stats': ...}: float32 numpy arrays from the file; entries kept
+      from `like` (a missing head) are its arrays.
 
     Raises:
       CheckpointError with one line naming the keys at fault.
@@ -222,6 +224,7 @@ def from_torch_state_dict(
 def _merge_into(loaded: Variables, like: Mapping[str, Any], strict: bool) -> Variables:
     result: Variables = {}
     missing, extra, mismatched = [], [], []
+    abstract_missing = False
     for collection in ("params", "batch_stats"):
         target = flatten_dict(dict(like.get(collection, {})))
         source = flatten_dict(loaded.get(collection, {}))
@@ -230,6 +233,7 @@ def _merge_into(loaded: Variables, like: Mapping[str, Any], strict: bool) -> Var
             key = _torch_key(collection, path)
             if path not in source:
                 missing.append(key)
+                abstract_missing |= isinstance(ref, jax.ShapeDtypeStruct)
                 merged[path] = ref
                 continue
             value = source[path]
@@ -241,16 +245,19 @@ def _merge_into(loaded: Variables, like: Mapping[str, Any], strict: bool) -> Var
         result[collection] = unflatten_dict(merged)
     if mismatched:
         raise CheckpointError("shape mismatch: " + "; ".join(mismatched))
-    head_only = [k for k in missing if k.startswith(HEAD_PREFIX)]
     other_missing = [k for k in missing if not k.startswith(HEAD_PREFIX)]
     if strict and other_missing:
         raise CheckpointError(f"missing keys: {', '.join(other_missing)}")
     if strict and extra:
         raise CheckpointError(f"unexpected keys (use strict=False to drop them): {', '.join(extra)}")
     if missing:
+        if abstract_missing:
+            raise CheckpointError(
+                f"missing keys {', '.join(missing)}: pass initialised variables (not shapes) as "
+                "`like` to keep them from the initialisation"
+            )
         kind = "visual-word head" if not other_missing else "keys"
-        log.warning("%s not in the checkpoint, kept from initialisation: %s",
-                        kind, ", ".join(head_only + other_missing))
+        log.warning("%s not in the checkpoint, kept from initialisation: %s", kind, ", ".join(missing))
     if extra:
         log.warning("dropped keys the model does not have: %s", ", ".join(extra))
     return result
