@@ -1,0 +1,333 @@
+"""Restoration transforms: geometry and value invariants, reference statistics, determinism."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transvw_jax import transforms as T
+
+SMALL = (16, 16, 8)
+SHUFFLE_SHAPE = (40, 40, 20)  # blocks up to 4x4x2
+
+
+def keys(n, seed=0):
+    return jax.random.split(jax.random.key(seed), n)
+
+
+def batched(fn, n, x, seed=0):
+    """fn(key, x) for n keys, jitted and vmapped over the keys."""
+    return np.asarray(jax.jit(jax.vmap(fn, in_axes=(0, None)))(keys(n, seed), jnp.asarray(x)))
+
+
+def distinct_cube(shape, seed=0):
+    """Values in (0, 1), all different, so moved voxels can be traced."""
+    n = int(np.prod(shape))
+    return (np.random.default_rng(seed).permutation(n).reshape(shape).astype(np.float32) + 1) / (n + 2)
+
+
+def bounding_box(mask):
+    idx = np.argwhere(mask)
+    return idx.min(0), idx.max(0) + 1
+
+
+def assert_uniform_ints(values, lo, hi, tol=0.05):
+    """Every integer in [lo, hi] appears with frequency 1/(hi-lo+1) within tol."""
+    values = np.asarray(values).ravel()
+    assert values.min() >= lo and values.max() <= hi
+    freq = np.bincount(values - lo, minlength=hi - lo + 1) / values.size
+    np.testing.assert_allclose(freq, 1.0 / (hi - lo + 1), atol=tol)
+
+
+# --------------------------------------------------------------------------- non-linear
+def test_nonlinear_is_monotone_and_fixes_the_end_points():
+    ramp = np.linspace(0, 1, np.prod(SMALL), dtype=np.float32).reshape(SMALL)
+    out = batched(T.nonlinear, 400, ramp).reshape(400, -1)
+    inverted = np.asarray(jax.vmap(lambda k: T.nonlinear_curve(k)[1])(keys(400)))
+    diffs = np.diff(out, axis=1)
+    assert np.all(diffs[~inverted] >= -1e-7) and np.all(diffs[inverted] <= 1e-7)
+    np.testing.assert_array_equal(out[:, 0], inverted.astype(np.float32))
+    np.testing.assert_array_equal(out[:, -1], 1 - inverted.astype(np.float32))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_nonlinear_inverts_about_half_the_time():
+    inverted = np.asarray(jax.vmap(lambda k: T.nonlinear_curve(k)[1])(keys(4000, seed=1)))
+    assert abs(inverted.mean() - 0.5) < 0.03
+
+
+def test_nonlinear_matches_the_bezier_curve():
+    """A voxel value x maps to the y of the curve point whose x is x (reference interp)."""
+    key = jax.random.key(5)
+    table, inverted = T.nonlinear_curve(key)
+    p = np.asarray(jax.random.uniform(jax.random.split(key)[0], (2, 2)), np.float64)
+    t = np.linspace(0, 1, 100_000)
+    w = np.stack([t**3, 3 * t**2 * (1 - t), 3 * t * (1 - t) ** 2, (1 - t) ** 3])
+    xs, ys = np.array([0, p[0, 0], p[1, 0], 1]) @ w, np.array([0, p[0, 1], p[1, 1], 1]) @ w
+    ys = ys if bool(inverted) else np.sort(ys)
+    grid = np.random.default_rng(0).random(1000)
+    expected = np.interp(grid, np.sort(xs), ys)
+    got = np.asarray(T._apply_table(table, jnp.asarray(grid, jnp.float32)))
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+# --------------------------------------------------------------------------- local shuffle
+@pytest.mark.parametrize("seed", range(4))
+def test_single_block_shuffle_permutes_inside_one_small_block(seed):
+    x = distinct_cube(SHUFFLE_SHAPE, seed)
+    out = np.asarray(jax.jit(T.local_shuffle, static_argnums=2)(jax.random.key(seed), x, 1))
+    np.testing.assert_array_equal(np.sort(out.ravel()), np.sort(x.ravel()))
+    changed = out != x
+    if changed.any():
+        lo, hi = bounding_box(changed)
+        assert np.all(hi - lo <= np.array(SHUFFLE_SHAPE) // 10)
+        region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        np.testing.assert_array_equal(np.sort(out[region].ravel()), np.sort(x[region].ravel()))
+
+
+def test_shuffle_changes_nothing_outside_its_blocks():
+    x = distinct_cube(SHUFFLE_SHAPE, 1)
+    for key in keys(6, seed=2):
+        out = np.asarray(T.local_shuffle(key, jnp.asarray(x), 5))
+        origin, size = map(np.asarray, T.shuffle_blocks(jax.random.split(key)[0], SHUFFLE_SHAPE, 5))
+        union = np.zeros(SHUFFLE_SHAPE, bool)
+        for o, s in zip(origin, size, strict=True):
+            union[o[0]:o[0] + s[0], o[1]:o[1] + s[1], o[2]:o[2] + s[2]] = True
+        np.testing.assert_array_equal(out[~union], x[~union])
+        assert set(out[union].tolist()) <= set(x[union].tolist())
+
+
+def test_shuffle_block_sizes_and_positions_follow_the_reference():
+    origin, size = jax.vmap(lambda k: T.shuffle_blocks(k, SHUFFLE_SHAPE, 5))(keys(2000))
+    origin, size = np.asarray(origin).reshape(-1, 3), np.asarray(size).reshape(-1, 3)
+    for axis, n in enumerate(SHUFFLE_SHAPE):
+        assert_uniform_ints(size[:, axis], 1, n // 10, tol=0.02)
+        assert np.all(origin[:, axis] >= 0) and np.all(origin[:, axis] + size[:, axis] <= n)
+
+
+def reference_shuffle_sources(shape, num_blocks, rng):
+    """The reference procedure, block by block, on the voxel indices (numpy)."""
+    index = np.arange(np.prod(shape)).reshape(shape)
+    out = index.copy()
+    kmax = np.maximum(1, np.array(shape) // 10)
+    for _ in range(num_blocks):
+        s = [rng.integers(1, k + 1) for k in kmax]
+        o = [rng.integers(0, n - b + 1) for n, b in zip(shape, s, strict=True)]
+        region = tuple(slice(a, a + b) for a, b in zip(o, s, strict=True))
+        window = index[region].ravel().copy()
+        rng.shuffle(window)
+        out[region] = window.reshape(s)
+    return out
+
+
+def displacement_stats(sources, shape):
+    src = np.stack(np.unravel_index(sources.astype(np.int64), shape), -1)
+    own = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    d = np.abs(src - own).reshape(-1, 3)
+    return (d.sum(1) > 0).mean(), d.mean(0)
+
+
+def test_many_block_shuffle_moves_voxels_as_far_as_the_reference():
+    """10,000 blocks on 64x64x32: the fraction of voxels that move and the mean distance
+    per axis agree with the reference procedure."""
+    shape = (64, 64, 32)
+    rng = np.random.default_rng(0)
+    ref = [displacement_stats(reference_shuffle_sources(shape, 10_000, rng), shape) for _ in range(4)]
+    index = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    # One tiling per axis per cube: per-cube spread is wide (~10% in distance), so average 24.
+    ours = batched(functools.partial(T.local_shuffle, num_blocks=10_000), 24, index, seed=3)
+    got = [displacement_stats(o, shape) for o in ours]
+    ref_moved, ref_dist = np.mean([r[0] for r in ref]), np.mean([r[1] for r in ref], 0)
+    got_moved, got_dist = np.mean([g[0] for g in got]), np.mean([g[1] for g in got], 0)
+    assert abs(got_moved - ref_moved) < 0.012, (got_moved, ref_moved)
+    np.testing.assert_allclose(got_dist, ref_dist, rtol=0.08)
+    for o in ours:  # a permutation of the cube: nothing duplicated, nothing lost
+        np.testing.assert_array_equal(np.sort(o.ravel()), np.arange(o.size))
+
+
+# --------------------------------------------------------------------------- painting
+def test_in_paint_block_geometry_and_noise():
+    n = 300
+    x = np.full(SMALL, 0.5, np.float32)
+    out = batched(functools.partial(T.in_paint, max_blocks=1), n, x)
+    sizes = []
+    for o in out:
+        changed = o != 0.5
+        lo, hi = bounding_box(changed)
+        assert changed[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].all()  # one solid block
+        assert changed.sum() == np.prod(hi - lo)
+        assert np.all(lo >= 3) and np.all(np.array(SMALL) - hi >= 3)
+        sizes.append(hi - lo)
+    sizes = np.array(sizes)
+    for axis, m in enumerate(SMALL):
+        assert_uniform_ints(sizes[:, axis], m // 6, m // 3, tol=0.1)
+    noise = out[out != 0.5]
+    assert 0 <= noise.min() and noise.max() < 1 and abs(noise.mean() - 0.5) < 0.02
+
+
+def test_genesis_in_paint_draws_up_to_five_blocks():
+    present = jax.vmap(lambda k: T.in_paint_blocks(k, SMALL, 5)[2])(keys(4000))
+    counts = np.asarray(present).sum(1)
+    assert counts.min() >= 1 and counts.max() <= 5
+    expected = sum(0.95**k for k in range(5))  # first always, each further with p 0.95
+    assert abs(counts.mean() - expected) < 0.05
+
+
+def test_out_paint_keeps_one_block_and_fills_the_rest_with_noise():
+    x = distinct_cube(SMALL)
+    out = batched(functools.partial(T.out_paint, max_extra_blocks=0), 200, x)
+    sizes = []
+    for o in out:
+        kept = o == x
+        lo, hi = bounding_box(kept)
+        assert kept[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].all() and kept.sum() == np.prod(hi - lo)
+        sizes.append(hi - lo)
+        assert 0 <= o.min() and o.max() < 1
+    sizes = np.array(sizes)
+    for axis, m in enumerate(SMALL):
+        assert_uniform_ints(m - sizes[:, axis], 3 * m // 7, 4 * m // 7, tol=0.12)
+
+
+def test_out_paint_extra_blocks_are_kept_exactly():
+    x = distinct_cube(SMALL)
+    for key in keys(10, seed=4):
+        out = np.asarray(T.out_paint(key, jnp.asarray(x), 4))
+        origin, size, present = map(np.asarray, T.out_paint_blocks(key, SMALL, 4))
+        keep = np.zeros(SMALL, bool)
+        for o, s, p in zip(origin, size, present, strict=True):
+            if p:
+                keep[o[0]:o[0] + s[0], o[1]:o[1] + s[1], o[2]:o[2] + s[2]] = True
+        np.testing.assert_array_equal(out[keep], x[keep])
+        assert np.all(out[~keep] != x[~keep])
+
+
+# --------------------------------------------------------------------------- flip
+def test_flips_are_the_same_on_input_and_target():
+    x, y = distinct_cube(SMALL, 1), distinct_cube(SMALL, 2)
+    flipped_any = 0
+    for key in keys(60, seed=5):
+        fx, fy = (np.asarray(a) for a in T.flip(key, jnp.asarray(x), jnp.asarray(y), 0.4))
+        matches = [axes for r in range(4) for axes in itertools.combinations(range(3), r)
+                   if np.array_equal(np.flip(x, axes) if axes else x, fx)]
+        assert len(matches) == 1
+        axes = matches[0]
+        np.testing.assert_array_equal(np.flip(y, axes) if axes else y, fy)
+        flipped_any += bool(axes)
+    assert flipped_any > 0
+
+
+def test_flip_happens_with_the_configured_probability():
+    happened = np.asarray(jax.vmap(lambda k: T.flip_axes(k, 0.4)[1])(keys(4000)))
+    assert abs(happened.mean() - 0.4) < 0.03
+
+
+# --------------------------------------------------------------------------- elastic
+def test_elastic_with_zero_alpha_is_the_identity():
+    x = distinct_cube(SMALL)
+    np.testing.assert_array_equal(np.asarray(T.elastic(jax.random.key(0), jnp.asarray(x), alpha=0.0)), x)
+
+
+def test_elastic_moves_voxels_only_in_x_and_y():
+    z_only = np.broadcast_to(np.linspace(0, 1, SMALL[2], dtype=np.float32), SMALL).copy()
+    out = batched(T.elastic, 8, z_only)
+    np.testing.assert_allclose(out, np.broadcast_to(z_only, out.shape), atol=1e-6)
+    x_ramp = np.broadcast_to(np.linspace(0, 1, SMALL[0], dtype=np.float32)[:, None, None], SMALL).copy()
+    assert np.abs(batched(T.elastic, 8, x_ramp) - x_ramp).max() > 0.05
+
+
+def reference_field_std(shape, alpha, sigma):
+    """Per-voxel std of gaussian_filter(uniform(-1, 1), sigma, mode='constant') * alpha."""
+    radius = int(4 * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    diag = []
+    for n in shape:
+        i = np.arange(n)
+        d = i[:, None] - i[None, :]
+        a = np.where(np.abs(d) <= radius, taps[np.clip(d + radius, 0, 2 * radius)], 0)
+        diag.append((a**2).sum(1))
+    var = diag[0][:, None, None] * diag[1][None, :, None] * diag[2][None, None, :] / 3
+    return alpha * np.sqrt(var)
+
+
+def test_elastic_displacement_has_the_reference_spread():
+    shape = (64, 64, 32)
+    fields = jax.vmap(lambda k: jnp.stack(T.elastic_displacement(k, shape)))(keys(600))
+    std = np.asarray(fields).std(axis=(0, 1))
+    expected = reference_field_std(shape, 991.0, 8.0)
+    for v in [(32, 32, 16), (0, 0, 0), (63, 10, 31), (5, 40, 2)]:
+        assert abs(std[v] / expected[v] - 1) < 0.08, (v, std[v], expected[v])
+
+
+# --------------------------------------------------------------------------- policies
+def policy_ids(cfg, n=2000, shape=SMALL):
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    fn = jax.jit(jax.vmap(lambda k, x: T.apply_policy(k, x, cfg), in_axes=(0, None)))
+    inp, target, ids = fn(keys(n, seed=9), jnp.asarray(x))
+    return np.asarray(inp), np.asarray(target), np.asarray(ids), x
+
+
+def test_transvw_applies_exactly_one_transform_each_a_quarter_of_the_time():
+    inp, target, ids, x = policy_ids(T.default_config("transvw"))
+    freq = np.bincount(ids, minlength=4) / ids.size
+    np.testing.assert_allclose(freq, 0.25, atol=0.035)
+    np.testing.assert_array_equal(target, np.broadcast_to(x, target.shape))  # target: original
+    assert inp.min() >= 0 and inp.max() <= 1
+
+
+def test_transvw_choice_weights_switch_transforms_off():
+    cfg = T.default_config("transvw")
+    cfg.choice_weights = (0.0, 1.0, 0.0, 0.0)
+    cfg.elastic.enabled = False
+    inp, _, ids, x = policy_ids(cfg, n=50)
+    assert np.all(ids == T.NONLINEAR)
+    for i in inp:  # a monotone intensity map keeps the order of the voxels
+        order = np.argsort(x.ravel())
+        d = np.diff(i.ravel()[order])
+        assert np.all(d >= -1e-7) or np.all(d <= 1e-7)
+
+
+def test_genesis_composition_frequencies():
+    inp, target, bits, _ = policy_ids(T.default_config("genesis"))
+    applied = {name: ((bits >> t) & 1).mean() for t, name in enumerate(T.TRANSFORM_NAMES)}
+    expected = {"flip": 0.4, "local_shuffle": 0.5, "nonlinear": 0.9, "in_paint": 0.9 * 0.2,
+                "out_paint": 0.9 * 0.8}
+    for name, p in expected.items():
+        assert abs(applied[name] - p) < 0.035, (name, applied[name], p)
+    painted = ((bits >> T.IN_PAINT) & 1) + ((bits >> T.OUT_PAINT) & 1)
+    assert painted.max() == 1  # never both
+    assert inp.min() >= 0 and inp.max() <= 1
+
+
+@pytest.mark.parametrize("policy", ["transvw", "genesis"])
+def test_same_key_same_output_and_batch_members_differ(policy):
+    cfg = T.default_config(policy)
+    x = jnp.asarray(np.random.default_rng(1).random((4, *SMALL), dtype=np.float32))
+    k = keys(4, seed=11)
+    run = jax.jit(lambda k, x: T.batch_policy(k, x, cfg))
+    a, b = run(k, x), run(k, x)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    same_cube = jnp.broadcast_to(x[0], x.shape)
+    out = np.asarray(run(k, same_cube)[0])
+    assert all(not np.array_equal(out[i], out[j]) for i in range(4) for j in range(i))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("policy", ["transvw", "genesis"])
+def test_policies_preserve_dtype_and_range(policy, dtype):
+    x = jnp.asarray(np.random.default_rng(2).random((3, *SMALL)), dtype)
+    cfg = T.default_config(policy)
+    inp, target, _ = jax.jit(lambda k, x: T.batch_policy(k, x, cfg))(keys(3), x)
+    assert inp.dtype == dtype and target.dtype == dtype
+    assert float(inp.min()) >= 0 and float(inp.max()) <= 1
+
+
+def test_unknown_policy_is_named():
+    cfg = T.default_config()
+    cfg.policy = "mixup"
+    with pytest.raises(ValueError, match="transforms.policy: unknown policy 'mixup'"):
+        T.apply_policy(jax.random.key(0), jnp.zeros(SMALL), cfg)
