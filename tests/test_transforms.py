@@ -326,6 +326,45 @@ def test_policies_preserve_dtype_and_range(policy, dtype):
     assert float(inp.min()) >= 0 and float(inp.max()) <= 1
 
 
+def test_transvw_equals_the_chosen_transform():
+    """The fused policy gives what the chosen single transform gives with its sub-key."""
+    cfg = T.default_config("transvw")
+    x = jnp.asarray(distinct_cube(SHUFFLE_SHAPE, 3))
+    policy = jax.jit(lambda k, x: T.transvw(k, x, cfg))
+    single = [functools.partial(T.local_shuffle, num_blocks=5), T.nonlinear,
+              functools.partial(T.in_paint, max_blocks=1), functools.partial(T.out_paint, max_extra_blocks=0)]
+    seen = set()
+    for key in keys(24, seed=12):
+        inp, target, choice = policy(key, x)
+        k_elastic, _, k_t = jax.random.split(key, 3)
+        expected = single[int(choice)](k_t, T.elastic(k_elastic, x))
+        np.testing.assert_allclose(np.asarray(inp), np.asarray(expected), atol=1e-5)  # fused float ops
+        np.testing.assert_array_equal(np.asarray(target), np.asarray(x))
+        seen.add(int(choice))
+    assert seen == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("num_blocks", [10_000, 3])
+def test_genesis_equals_the_composition_of_single_transforms(num_blocks):
+    cfg = T.default_config("genesis")
+    cfg.local_shuffle.num_blocks = num_blocks
+    x = jnp.asarray(distinct_cube(SHUFFLE_SHAPE, 4))
+    policy = jax.jit(lambda k, x: T.genesis(k, x, cfg))
+    for key in keys(16, seed=13):
+        inp, target, bits = policy(key, x)
+        k_flip, k_shuffle, k_nonlinear, k_paint, k_dice = jax.random.split(key, 5)
+        u = np.asarray(jax.random.uniform(k_dice, (4,)))
+        e, t = T.flip(k_flip, x, x, cfg.flip.prob, cfg.flip.max_flips)
+        if u[0] < 0.5:
+            e = T.local_shuffle(k_shuffle, e, num_blocks)
+        if u[1] < 0.9:
+            e = T.nonlinear(k_nonlinear, e)
+        if u[2] < 0.9:
+            e = T.in_paint(k_paint, e, 5) if u[3] < 0.2 else T.out_paint(k_paint, e, 4)
+        np.testing.assert_allclose(np.asarray(inp), np.asarray(e), atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(target), np.asarray(t))
+
+
 def test_unknown_policy_is_named():
     cfg = T.default_config()
     cfg.policy = "mixup"

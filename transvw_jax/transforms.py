@@ -92,6 +92,35 @@ def _grid(shape):
             jnp.arange(shape[2])[None, None, :])
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _hash_bits(key: jax.Array, counter: jax.Array) -> jax.Array:
+    """32 random bits per entry of `counter` (distinct uint32 ids), keyed by `key`.
+
+    Why not jax.random.uniform: full-cube draws dominated the cost of the transforms on
+    CPU (threefry, measured here: 1.1 ms per 64x64x32 cube, 0.11 ms for this hash). The
+    key's own threefry bits seed a counter-based hash (two rounds of the MurmurHash3
+    finaliser), the construction of counter-based generators; its outputs are uniform and
+    uncorrelated between neighbouring counters, which is all that noise filling and
+    per-tile draws need. Keys keep their usual meaning: same key, same bits.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    h = _mix32(counter.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) ^ seed[0])
+    return _mix32(h ^ seed[1])
+
+
+def _hash_uniform(key: jax.Array, counter: jax.Array) -> jax.Array:
+    """Uniform float32 in [0, 1) with 24 random bits, one per counter."""
+    return (_hash_bits(key, counter) >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+
+
 # --------------------------------------------------------------------------- non-linear
 def nonlinear_curve(key: jax.Array, size: int = 1025, samples: int = 1024):
     """The reference's random intensity curve as a lookup table on a uniform grid of [0, 1].
@@ -117,7 +146,16 @@ def nonlinear_curve(key: jax.Array, size: int = 1025, samples: int = 1024):
     return table, inverted
 
 
+def _materialise(table: jax.Array) -> jax.Array:
+    """Return `table` unchanged but computed once. XLA:CPU otherwise fuses the table's
+    producer (an interpolation) into the per-voxel lookup and recomputes it per voxel
+    (measured: 2.4x slower). A sort is never fused, and sorting by the index is free of
+    any effect on the values."""
+    return jax.lax.sort((jnp.arange(table.shape[0]), table), num_keys=1)[1]
+
+
 def _apply_table(table: jax.Array, x: jax.Array) -> jax.Array:
+    table = _materialise(table)
     pos = jnp.clip(x.astype(jnp.float32), 0.0, 1.0) * (table.shape[0] - 1)
     i = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, table.shape[0] - 2)
     frac = pos - i
@@ -146,29 +184,38 @@ def shuffle_blocks(key: jax.Array, shape: tuple[int, int, int], num_blocks: int)
     return origin, size
 
 
-def _exact_shuffle_source(key, shape, num_blocks):
-    """Source index of every voxel, block by block as the reference: each block is read
-    from the ORIGINAL cube and permuted uniformly; a later block overwrites an earlier."""
+def _exact_shuffle(key, x, num_blocks, enabled=True):
+    """The reference procedure, block by block: each block is read from the ORIGINAL
+    cube, permuted uniformly and written back; a later block overwrites an earlier one.
+
+    Only the voxels of the blocks are touched (num_blocks x the largest block volume, 540
+    for TransVW at 64x64x32): a scatter of those whose last covering block is their own.
+    """
+    shape = x.shape
     k_blocks, k_perm = jax.random.split(key)
     origin, size = shuffle_blocks(k_blocks, shape, num_blocks)
-    mx, my, mz = _axis_masks(shape, origin, size)
-    ids = jnp.arange(num_blocks)[:, None, None, None]
-    inside = mx[:, :, None, None] & my[:, None, :, None] & mz[:, None, None, :]
-    owner = jnp.max(jnp.where(inside, ids, -1), axis=0)  # the last block covering a voxel
-    # One uniform permutation of 0..n_b-1 per block, in the first n_b slots of a row.
-    slots = int(np.prod(_shuffle_sizes_max(shape)))
+    kmax = _shuffle_sizes_max(shape)
+    slots = int(np.prod(kmax))
     volume = jnp.prod(size, axis=1)
+    # One uniform permutation of 0..n_b-1 per block, in the first n_b slots of a row.
     keys = jax.random.uniform(k_perm, (num_blocks, slots))
     perm = jnp.argsort(jnp.where(jnp.arange(slots) < volume[:, None], keys, 2.0), axis=1)
 
-    b = jnp.maximum(owner, 0)
-    o, s = origin[b], size[b]  # (X, Y, Z, 3)
-    gx, gy, gz = _grid(shape)
-    local = ((gx - o[..., 0]) * s[..., 1] + (gy - o[..., 1])) * s[..., 2] + (gz - o[..., 2])
-    src = perm[b, jnp.clip(local, 0, slots - 1)]
-    sx, sy, sz = src // (s[..., 1] * s[..., 2]), (src // s[..., 2]) % s[..., 1], src % s[..., 2]
-    shuffled = _flat_index(shape, o[..., 0] + sx, o[..., 1] + sy, o[..., 2] + sz)
-    return jnp.where(owner >= 0, shuffled, _flat_index(shape, gx, gy, gz))
+    def unravel(j, s):  # local index j in a block of size s -> (3,) offsets
+        return jnp.stack([j // (s[..., 1] * s[..., 2]), (j // s[..., 2]) % s[..., 1], j % s[..., 2]], -1)
+
+    j = jnp.arange(slots)
+    dest = origin[:, None, :] + unravel(j[None, :], size[:, None, :])  # (N, slots, 3)
+    src = origin[:, None, :] + unravel(perm, size[:, None, :])
+    valid = j[None, :] < volume[:, None]
+    # A write is final when no later block covers its destination.
+    d = dest[:, :, None, :]
+    covers = jnp.all((d >= origin[None, None]) & (d < (origin + size)[None, None]), axis=-1)  # (N, slots, N)
+    later = jnp.arange(num_blocks)[None, :] > jnp.arange(num_blocks)[:, None]  # (N, N)
+    final = valid & ~jnp.any(covers & later[:, None, :], axis=-1) & enabled
+    flat_dest = jnp.where(final, _flat_index(shape, dest[..., 0], dest[..., 1], dest[..., 2]), x.size)
+    values = x.reshape(-1)[_flat_index(shape, src[..., 0], src[..., 1], src[..., 2])]
+    return x.reshape(-1).at[flat_dest.reshape(-1)].set(values.reshape(-1), mode="drop").reshape(shape)
 
 
 @functools.lru_cache(maxsize=32)
@@ -214,16 +261,16 @@ def _segments(key, n: int, kmax: int):
 
 
 def _tiled_shuffle_source(key, shape, num_blocks):
-    """Source index of every voxel for a many-block shuffle, in a few passes (see
-    `local_shuffle`)."""
+    """Source coordinates (three int32 arrays) of every voxel for a many-block shuffle, in
+    a few passes (see `local_shuffle`)."""
     keys = jax.random.split(key, 5)
     kmax = _shuffle_sizes_max(shape)
+    if np.prod(kmax) * int(_PRIMES.max()) >= 2**22:
+        raise ValueError(f"local_shuffle: cube {shape} too large for the tiled shuffle (float32 index "
+                         "arithmetic); use cubes up to ~160 voxels per side")
     (x0, lx, rx, tx), (y0, ly, ry, ty), (z0, lz, rz, tz) = (
         _segments(k, n, int(m)) for k, n, m in zip(keys[:3], shape, kmax, strict=True)
     )
-
-    def per_tile(table):  # one value per tile, read back per voxel by three separable takes
-        return table[tx][:, ty][:, :, tz]
 
     # Mean reference coverage over each voxel's tile, from a summed-area table: box sums
     # by differences along x, then y, then z (separable takes, no per-voxel gather).
@@ -232,18 +279,35 @@ def _tiled_shuffle_source(key, shape, num_blocks):
     box = box[:, y0 + ly] - box[:, y0]
     box = box[:, :, z0 + lz] - box[:, :, z0]
     coverage = box / (lx[:, None, None] * ly[None, :, None] * lz[None, None, :])
-    shuffled = per_tile(jax.random.uniform(keys[3], shape)) < coverage
-    bits = per_tile(jax.random.bits(keys[4], shape, jnp.uint32))
-    x0, lx, rx = (a[:, None, None] for a in (x0, lx, rx))
-    y0, ly, ry = (a[None, :, None] for a in (y0, ly, ry))
-    z0, lz, rz = (a[None, None, :] for a in (z0, lz, rz))
-    volume = (lx * ly * lz).astype(jnp.uint32)
-    local = ((rx * ly + ry) * lz + rz).astype(jnp.uint32)
-    multiplier = jnp.asarray(_PRIMES)[(bits >> 28).astype(jnp.int32)]
-    src = ((multiplier * local + bits % volume) % volume).astype(jnp.int32)
-    sx, sy, sz = src // (ly * lz), (src // lz) % ly, src % lz
-    gx, gy, gz = _grid(shape)
-    return jnp.where(shuffled, _flat_index(shape, x0 + sx, y0 + sy, z0 + sz), _flat_index(shape, gx, gy, gz))
+    # Per-tile random draws: a hash of the tile's id, evaluated at each of its voxels.
+    tile = _flat_index(shape, tx[:, None, None], ty[None, :, None], tz[None, None, :])
+    shuffled = _hash_uniform(keys[3], tile) < coverage
+    bits = _hash_bits(keys[4], tile)
+    # Integer division is scalar on x86 (no SIMD form); these small non-negative integers
+    # are exact in float32, so quotients and remainders are computed in floating point.
+    x0, lx, rx = (a[:, None, None].astype(jnp.float32) for a in (x0, lx, rx))
+    y0, ly, ry = (a[None, :, None].astype(jnp.float32) for a in (y0, ly, ry))
+    z0, lz, rz = (a[None, None, :].astype(jnp.float32) for a in (z0, lz, rz))
+    volume = lx * ly * lz
+    local = (rx * ly + ry) * lz + rz
+    offset = jnp.floor((bits >> 8).astype(jnp.float32) * np.float32(2.0**-24) * volume)
+    multiplier = jnp.asarray(_PRIMES.astype(np.float32))[(bits & 15).astype(jnp.int32)]
+    src = _mod(multiplier * local + offset, volume)
+    sx = _div(src, ly * lz)
+    sy = _mod(_div(src, lz), ly)
+    sz = _mod(src, lz)
+    return tuple(jnp.where(shuffled, (o + d).astype(jnp.int32), g)
+                 for o, d, g in zip((x0, y0, z0), (sx, sy, sz), _grid(shape), strict=True))
+
+
+def _div(a: jax.Array, b: jax.Array) -> jax.Array:
+    """floor(a / b) for non-negative integers held exactly in float32 (a, b < 2^22):
+    the +0.5 keeps the quotient at least 0.5/b away from an integer, far beyond rounding."""
+    return jnp.floor((a + 0.5) / b)
+
+
+def _mod(a: jax.Array, b: jax.Array) -> jax.Array:
+    return a - b * _div(a, b)
 
 
 def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int) -> jax.Array:
@@ -274,10 +338,8 @@ def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int) -> jax.Array:
     if num_blocks <= 0:
         return x
     if num_blocks <= EXACT_SHUFFLE_MAX_BLOCKS:
-        src = _exact_shuffle_source(key, shape, num_blocks)
-    else:
-        src = _tiled_shuffle_source(key, shape, num_blocks)
-    return x.reshape(-1)[src]
+        return _exact_shuffle(key, x, num_blocks)
+    return x.reshape(-1)[_flat_index(shape, *_tiled_shuffle_source(key, shape, num_blocks))]
 
 
 # --------------------------------------------------------------------------- painting
@@ -308,7 +370,8 @@ def out_paint_blocks(key: jax.Array, shape, max_extra_blocks: int, continue_prob
 
 
 def _noise(key, x):
-    return jax.random.uniform(jax.random.fold_in(key, 7), x.shape, jnp.float32)
+    """Uniform noise in [0, 1), one value per voxel."""
+    return _hash_uniform(jax.random.fold_in(key, 7), jnp.arange(x.size).reshape(x.shape))
 
 
 def in_paint(key: jax.Array, x: jax.Array, max_blocks: int) -> jax.Array:
@@ -374,10 +437,11 @@ def elastic_displacement(key: jax.Array, shape, alpha: float = 991.0, sigma: flo
     of uniforms, i.e. Gaussian to a very good approximation.
     """
     bases = [jnp.asarray(_smoothing_basis(int(n), float(sigma))) for n in shape]
-    ranks = tuple(b.shape[1] for b in bases)
-    core = jax.random.normal(key, (2, *ranks)) * np.sqrt(1.0 / 3.0)
-    field = jnp.einsum("fabc,xa,yb,zc->fxyz", core, *bases)
-    return field[0] * alpha, field[1] * alpha
+    core = jax.random.normal(key, (2, *(b.shape[1] for b in bases))) * np.sqrt(1.0 / 3.0)
+    # One dot per factor: the full-size field is materialised once. (Written as fused
+    # multiply-adds instead, XLA:CPU recomputes it inside each of the four gathers.)
+    field = jnp.einsum("fabc,xa,yb,zc->fxyz", core * alpha, *bases)
+    return field[0], field[1]
 
 
 def _reflect(i: jax.Array, n: int) -> jax.Array:
@@ -407,49 +471,73 @@ def elastic(key: jax.Array, x: jax.Array, alpha: float = 991.0, sigma: float = 8
 
 
 # --------------------------------------------------------------------------- policies
+def _paint(key, x, active, inner, cfg):
+    """in_paint(key, x) where `inner`, out_paint(key, x) elsewhere, x where not `active`:
+    one mask and one noise field instead of both transforms' outputs."""
+    shape = x.shape
+    holes = _union_of_boxes(shape, *in_paint_blocks(key, shape, cfg.in_paint.max_blocks))
+    kept = _union_of_boxes(shape, *out_paint_blocks(key, shape, cfg.out_paint.max_extra_blocks))
+    return jnp.where(active & jnp.where(inner, holes, ~kept), _noise(key, x), x)
+
+
+def _shuffle_where(key, x, do, num_blocks):
+    if num_blocks <= EXACT_SHUFFLE_MAX_BLOCKS:
+        return _exact_shuffle(key, x, num_blocks, enabled=do)
+    return jnp.where(do, local_shuffle(key, x, num_blocks), x)
+
+
 def transvw(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     """TransVW: elastic (if enabled), then exactly one of shuffle / non-linear / in-paint /
-    out-paint, drawn with `cfg.choice_weights`. Returns (input, target, transform_id)."""
+    out-paint, drawn with `cfg.choice_weights`. Returns (input, target, transform_id).
+
+    The result equals the chosen transform applied with this key's sub-key (tested); it is
+    computed as one pass per kind of work with the others masked off, because under vmap
+    a switch evaluates every branch for every cube.
+    """
     k_elastic, k_choice, k_t = jax.random.split(key, 3)
-    target = x
+    target, dtype = x, x.dtype
+    x = x.astype(jnp.float32)
     if cfg.elastic.enabled:
         x = elastic(k_elastic, x, cfg.elastic.alpha, cfg.elastic.sigma)
     weights = np.asarray(cfg.choice_weights, np.float32)
-    choice = jax.random.choice(k_choice, 4, p=jnp.asarray(weights / weights.sum()))
-    branches = [
-        lambda k, v: local_shuffle(k, v, cfg.local_shuffle.num_blocks),
-        nonlinear,
-        lambda k, v: in_paint(k, v, cfg.in_paint.max_blocks),
-        lambda k, v: out_paint(k, v, cfg.out_paint.max_extra_blocks),
-    ]
-    return jax.lax.switch(choice, branches, k_t, x), target, choice.astype(jnp.int32)
+    choice = jax.random.choice(k_choice, 4, p=jnp.asarray(weights / weights.sum())).astype(jnp.int32)
+    x = _shuffle_where(k_t, x, choice == SHUFFLE, cfg.local_shuffle.num_blocks)
+    x = jnp.where(choice == NONLINEAR, _apply_table(nonlinear_curve(k_t)[0], x), x)
+    x = _paint(k_t, x, choice >= IN_PAINT, choice == IN_PAINT, cfg)
+    return x.astype(dtype), target, choice
 
 
 def genesis(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     """Models Genesis: flip (input and target), local shuffle, non-linear, then in- or
     out-painting, each with its probability. Returns (input, target, bit mask of
-    transforms applied)."""
+    transforms applied). The flips and a many-block shuffle are one gather."""
     k_flip, k_shuffle, k_nonlinear, k_paint, k_dice = jax.random.split(key, 5)
     u = jax.random.uniform(k_dice, (4,))
+    shape, dtype = x.shape, x.dtype
     parity, flipped = flip_axes(k_flip, cfg.flip.prob, cfg.flip.max_flips)
-    target = x
-    for a in range(3):
-        x = jnp.where(parity[a], jnp.flip(x, a), x)
-        target = jnp.where(parity[a], jnp.flip(target, a), target)
+
+    def flip_coords(coords):
+        return [jnp.where(p, n - 1 - c, c) for p, n, c in zip(parity, shape, coords, strict=True)]
+
+    flat = x.reshape(-1)
+    target = flat[_flat_index(shape, *flip_coords(_grid(shape)))]
     do_shuffle = u[0] < cfg.local_shuffle.prob
-    x = jnp.where(do_shuffle, local_shuffle(k_shuffle, x, cfg.local_shuffle.num_blocks), x)
+    if cfg.local_shuffle.num_blocks > EXACT_SHUFFLE_MAX_BLOCKS:
+        src = _tiled_shuffle_source(k_shuffle, shape, cfg.local_shuffle.num_blocks)
+        src = [jnp.where(do_shuffle, s, g) for s, g in zip(src, _grid(shape), strict=True)]
+        x = flat[_flat_index(shape, *flip_coords(src))].astype(jnp.float32)
+    else:
+        x = _exact_shuffle(k_shuffle, target.astype(jnp.float32), cfg.local_shuffle.num_blocks, do_shuffle)
     do_nonlinear = u[1] < cfg.nonlinear.prob
-    x = jnp.where(do_nonlinear, nonlinear(k_nonlinear, x), x)
+    x = jnp.where(do_nonlinear, _apply_table(nonlinear_curve(k_nonlinear)[0], x), x)
     do_paint = u[2] < cfg.paint.prob
     inner = u[3] < cfg.paint.inpaint_prob
-    painted = jnp.where(inner, in_paint(k_paint, x, cfg.in_paint.max_blocks),
-                        out_paint(k_paint, x, cfg.out_paint.max_extra_blocks))
-    x = jnp.where(do_paint, painted, x)
+    x = _paint(k_paint, x, do_paint, inner, cfg)
     bits = (flipped.astype(jnp.int32) << FLIP | do_shuffle.astype(jnp.int32) << SHUFFLE
             | do_nonlinear.astype(jnp.int32) << NONLINEAR
             | (do_paint & inner).astype(jnp.int32) << IN_PAINT
             | (do_paint & ~inner).astype(jnp.int32) << OUT_PAINT)
-    return x, target, bits
+    return x.astype(dtype), target, bits
 
 
 POLICIES = {"transvw": transvw, "genesis": genesis}

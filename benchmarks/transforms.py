@@ -1,0 +1,200 @@
+"""Throughput of the restoration transforms: jit(vmap) on the default backend vs numpy.
+
+The numpy/scipy side is a plain per-cube implementation of the same procedures, written
+here the way the original code does them (a Python loop over shuffle blocks, a 100,000-
+point Bezier curve with np.interp, scipy's gaussian_filter + map_coordinates), run in this
+one process on one core. Prints JSON lines:
+  {"what": "transform/<name>" | "policy/<name>", "impl": "jax" | "numpy", "shape", "batch",
+   "dtype", "device", "cubes_per_s"}
+and one line per policy with "what": "speedup/<policy>" and "ratio" (jax / numpy).
+
+  python benchmarks/transforms.py                      # batch 64 of 64x64x32, float32
+  python benchmarks/transforms.py --only policy --numpy-cubes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+from transvw_jax import transforms as T
+
+
+# --------------------------------------------------------------------------- numpy reference
+def np_nonlinear(rng, x):
+    p = rng.random((2, 2))
+    t = np.linspace(0.0, 1.0, 100_000)
+    w = np.stack([t**3, 3 * t**2 * (1 - t), 3 * t * (1 - t) ** 2, (1 - t) ** 3])
+    xs, ys = np.array([0, p[0, 0], p[1, 0], 1]) @ w, np.array([0, p[0, 1], p[1, 1], 1]) @ w
+    if rng.random() < 0.5:
+        xs = np.sort(xs)
+    else:
+        xs, ys = np.sort(xs), np.sort(ys)
+    return np.interp(x, xs, ys)
+
+
+def np_local_shuffle(rng, x, num_blocks):
+    out, shape = x.copy(), x.shape
+    kmax = [max(1, n // 10) for n in shape]
+    for _ in range(num_blocks):
+        s = [rng.integers(1, k + 1) for k in kmax]
+        o = [rng.integers(0, n - b + 1) for n, b in zip(shape, s, strict=True)]
+        region = tuple(slice(a, a + b) for a, b in zip(o, s, strict=True))
+        window = x[region].ravel().copy()
+        rng.shuffle(window)
+        out[region] = window.reshape(s)
+    return out
+
+
+def _np_margin_box(rng, shape, sizes):
+    origin = [rng.integers(min(3, n - s), max(min(3, n - s), n - s - 3) + 1)
+              for n, s in zip(shape, sizes, strict=True)]
+    return tuple(slice(o, o + s) for o, s in zip(origin, sizes, strict=True))
+
+
+def np_in_paint(rng, x, max_blocks):
+    out = x.copy()
+    for i in range(max_blocks):
+        if i and rng.random() >= 0.95:
+            break
+        sizes = [rng.integers(n // 6, n // 3 + 1) for n in x.shape]
+        box = _np_margin_box(rng, x.shape, sizes)
+        out[box] = rng.random(sizes)
+    return out
+
+
+def np_out_paint(rng, x, max_extra_blocks):
+    out = rng.random(x.shape).astype(x.dtype)
+    for i in range(1 + max_extra_blocks):
+        if i and rng.random() >= 0.95:
+            break
+        sizes = [n - rng.integers(3 * n // 7, 4 * n // 7 + 1) for n in x.shape]
+        box = _np_margin_box(rng, x.shape, sizes)
+        out[box] = x[box]
+    return out
+
+
+def np_flip(rng, x, y, prob=0.4, max_flips=3):
+    for _ in range(max_flips):
+        if rng.random() >= prob:
+            break
+        axis = rng.integers(0, 3)
+        x, y = np.flip(x, axis), np.flip(y, axis)
+    return x, y
+
+
+def np_elastic(rng, x, alpha=991.0, sigma=8.0):
+    dx = ndimage.gaussian_filter(rng.random(x.shape) * 2 - 1, sigma, mode="constant") * alpha
+    dy = ndimage.gaussian_filter(rng.random(x.shape) * 2 - 1, sigma, mode="constant") * alpha
+    gx, gy, gz = np.meshgrid(*[np.arange(n) for n in x.shape], indexing="ij")
+    return ndimage.map_coordinates(x, [gx + dx, gy + dy, gz], order=1, mode="reflect")
+
+
+def np_transvw(rng, x):
+    x = np_elastic(rng, x)
+    choice = rng.integers(0, 4)
+    if choice == 0:
+        return np_local_shuffle(rng, x, 5)
+    if choice == 1:
+        return np_nonlinear(rng, x)
+    if choice == 2:
+        return np_in_paint(rng, x, 1)
+    return np_out_paint(rng, x, 0)
+
+
+def np_genesis(rng, x):
+    x, _ = np_flip(rng, x, x)
+    if rng.random() < 0.5:
+        x = np_local_shuffle(rng, x, 10_000)
+    if rng.random() < 0.9:
+        x = np_nonlinear(rng, x)
+    if rng.random() < 0.9:
+        x = np_in_paint(rng, x, 5) if rng.random() < 0.2 else np_out_paint(rng, x, 4)
+    return x
+
+
+# --------------------------------------------------------------------------- cases
+def cases():
+    transvw_cfg, genesis_cfg = T.default_config("transvw"), T.default_config("genesis")
+    flip_only = lambda k, x: T.flip(k, x, x, 0.4)[0]  # noqa: E731
+    return [
+        ("transform/nonlinear", T.nonlinear, np_nonlinear),
+        ("transform/local_shuffle_5", functools.partial(T.local_shuffle, num_blocks=5),
+         functools.partial(np_local_shuffle, num_blocks=5)),
+        ("transform/local_shuffle_10000", functools.partial(T.local_shuffle, num_blocks=10_000),
+         functools.partial(np_local_shuffle, num_blocks=10_000)),
+        ("transform/in_paint_1", functools.partial(T.in_paint, max_blocks=1),
+         functools.partial(np_in_paint, max_blocks=1)),
+        ("transform/out_paint_1+4", functools.partial(T.out_paint, max_extra_blocks=4),
+         functools.partial(np_out_paint, max_extra_blocks=4)),
+        ("transform/flip", flip_only, lambda rng, x: np_flip(rng, x, x)[0]),
+        ("transform/elastic", T.elastic, np_elastic),
+        ("policy/transvw", lambda k, x: T.transvw(k, x, transvw_cfg)[0], np_transvw),
+        ("policy/genesis", lambda k, x: T.genesis(k, x, genesis_cfg)[0], np_genesis),
+    ]
+
+
+def time_jax(fn, batch, shape, iters, dtype) -> float:
+    run = jax.jit(jax.vmap(fn))
+    x = jax.device_put(jnp.asarray(np.random.default_rng(0).random((batch, *shape)), dtype))
+    keys = jax.random.split(jax.random.key(0), batch)
+    jax.block_until_ready(run(keys, x))  # compile + warm
+    times = []
+    for i in range(iters):
+        k = jax.random.split(jax.random.key(i + 1), batch)
+        start = time.perf_counter()
+        jax.block_until_ready(run(k, x))
+        times.append(time.perf_counter() - start)
+    return batch / float(np.median(times))
+
+
+def time_numpy(fn, shape, cubes) -> float:
+    rng = np.random.default_rng(0)
+    x = rng.random(shape).astype(np.float32)
+    fn(rng, x)  # warm
+    start = time.perf_counter()
+    for _ in range(cubes):
+        fn(rng, x)
+    return cubes / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--cube", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--iters", type=int, default=5, help="timed jax steps (median)")
+    p.add_argument("--numpy-cubes", type=int, default=20, help="cubes timed for numpy")
+    p.add_argument("--only", default="", help="substring filter on 'what'")
+    p.add_argument("--no-numpy", action="store_true")
+    args = p.parse_args()
+    shape, device = tuple(args.cube), jax.devices()[0].device_kind
+    common = {"shape": list(shape), "batch": args.batch, "dtype": args.dtype}
+    rates = {}
+    for what, jax_fn, np_fn in cases():
+        if args.only not in what:
+            continue
+        rate = time_jax(jax_fn, args.batch, shape, args.iters, jnp.dtype(args.dtype))
+        print(json.dumps({"what": what, "impl": "jax", **common, "device": device,
+                          "cubes_per_s": round(rate, 1)}), flush=True)
+        if args.no_numpy:
+            continue
+        np_rate = time_numpy(np_fn, shape, args.numpy_cubes)
+        print(json.dumps({"what": what, "impl": "numpy", **common, "batch": 1, "dtype": "float32",
+                          "device": "cpu (1 core)", "cubes_per_s": round(np_rate, 2)}), flush=True)
+        rates[what] = (rate, np_rate)
+    for what, (rate, np_rate) in rates.items():
+        if what.startswith("policy/"):
+            print(json.dumps({"what": "speedup/" + what.split("/")[1], "impl": "jax/numpy", **common,
+                              "device": device, "ratio": round(rate / np_rate, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
