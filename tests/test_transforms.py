@@ -370,3 +370,15 @@ def test_unknown_policy_is_named():
     cfg.policy = "mixup"
     with pytest.raises(ValueError, match="transforms.policy: unknown policy 'mixup'"):
         T.apply_policy(jax.random.key(0), jnp.zeros(SMALL), cfg)
+
+
+def test_noise_is_uniform_and_uncorrelated():
+    noise = np.asarray(T._noise(jax.random.key(3), jnp.zeros((64, 64, 32))))
+    assert 0 <= noise.min() and noise.max() < 1
+    hist = np.histogram(noise, bins=10, range=(0, 1))[0] / noise.size
+    np.testing.assert_allclose(hist, 0.1, atol=0.004)
+    for axis in range(3):
+        a, b = np.moveaxis(noise, axis, 0)[:-1].ravel(), np.moveaxis(noise, axis, 0)[1:].ravel()
+        assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
+    other = np.asarray(T._noise(jax.random.key(4), jnp.zeros((64, 64, 32))))
+    assert abs(np.corrcoef(noise.ravel(), other.ravel())[0, 1]) < 0.01
