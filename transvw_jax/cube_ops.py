@@ -1,0 +1,76 @@
+"""Small building blocks of the cube transforms: inclusive randint, box masks, flat
+indices, and a keyed counter hash for cheap per-voxel random numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def randint(key: jax.Array, shape: tuple[int, ...], lo: Any, hi: Any) -> jax.Array:
+    """python's randint(lo, hi): both ends included."""
+    return jax.random.randint(key, shape, lo, jnp.asarray(hi) + 1)
+
+
+def axis_masks(shape: tuple[int, ...], start: jax.Array, size: jax.Array) -> list[jax.Array]:
+    """Per-axis membership of boxes [start, start+size): start/size (K, 3) -> 3 x (K, n)."""
+    return [
+        (jnp.arange(n) >= start[:, a, None]) & (jnp.arange(n) < (start + size)[:, a, None])
+        for a, n in enumerate(shape)
+    ]
+
+
+def union_of_boxes(shape, start, size, present) -> jax.Array:
+    mx, my, mz = axis_masks(shape, start, size)
+    inside = mx[:, :, None, None] & my[:, None, :, None] & mz[:, None, None, :]
+    return jnp.any(inside & present[:, None, None, None], axis=0)
+
+
+def margin_positions(key, shape, size, margin: int = 3) -> jax.Array:
+    """randint(margin, n - size - margin) per axis, the reference's block placement; on
+    cubes too small for the margins the range shrinks towards the border."""
+    n = jnp.asarray(shape)
+    lo = jnp.minimum(margin, n - size)
+    hi = jnp.maximum(lo, n - size - margin)
+    return randint(key, size.shape, lo, hi)
+
+
+def flat_index(shape, ix, iy, iz) -> jax.Array:
+    return (ix * shape[1] + iy) * shape[2] + iz
+
+
+def grid(shape):
+    return (jnp.arange(shape[0])[:, None, None], jnp.arange(shape[1])[None, :, None],
+            jnp.arange(shape[2])[None, None, :])
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_bits(key: jax.Array, counter: jax.Array) -> jax.Array:
+    """32 random bits per entry of `counter` (distinct uint32 ids), keyed by `key`.
+
+    Why not jax.random.uniform: full-cube draws dominated the cost of the transforms on
+    CPU (threefry, measured here: 1.1 ms per 64x64x32 cube, 0.11 ms for this hash). The
+    key's own threefry bits seed a counter-based hash (two rounds of the MurmurHash3
+    finaliser), the construction of counter-based generators; its outputs are uniform and
+    uncorrelated between neighbouring counters, which is all that noise filling and
+    per-tile draws need. Keys keep their usual meaning: same key, same bits.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    h = _mix32(counter.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) ^ seed[0])
+    return _mix32(h ^ seed[1])
+
+
+def hash_uniform(key: jax.Array, counter: jax.Array) -> jax.Array:
+    """Uniform float32 in [0, 1) with 24 random bits, one per counter."""
+    return (hash_bits(key, counter) >> 8).astype(jnp.float32) * np.float32(2.0**-24)

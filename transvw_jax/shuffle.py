@@ -1,0 +1,191 @@
+"""Local pixel shuffling (REFERENCE.md section 3): exact for a few blocks, a tiling with
+the same per-voxel statistics for the 10,000-block Models Genesis strength."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transvw_jax import cube_ops as C
+
+# Up to this many blocks the local shuffle follows the reference block by block; above it,
+# the tiling formulation (see `local_shuffle`) keeps the cost at a few passes over the cube.
+EXACT_SHUFFLE_MAX_BLOCKS = 32
+_PRIMES = np.array([1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049, 1051, 1061, 1063, 1069,
+                    1087, 1091, 1093, 1097], np.uint32)
+
+
+def _shuffle_sizes_max(shape) -> np.ndarray:
+    return np.maximum(1, np.asarray(shape) // 10)
+
+
+def shuffle_blocks(key: jax.Array, shape: tuple[int, int, int], num_blocks: int):
+    """The reference's shuffle blocks: sizes randint(1, n//10), origins randint(0, n - size).
+
+    Returns (origins, sizes), each (num_blocks, 3) int32.
+    """
+    k_size, k_pos = jax.random.split(key)
+    size = C.randint(k_size, (num_blocks, 3), 1, _shuffle_sizes_max(shape))
+    origin = C.randint(k_pos, (num_blocks, 3), 0, jnp.asarray(shape) - size)
+    return origin, size
+
+
+def exact_shuffle(key, x, num_blocks, enabled=True):
+    """The reference procedure, block by block: each block is read from the ORIGINAL
+    cube, permuted uniformly and written back; a later block overwrites an earlier one.
+
+    Only the voxels of the blocks are touched (num_blocks x the largest block volume, 540
+    for TransVW at 64x64x32): a scatter of those whose last covering block is their own.
+    """
+    shape = x.shape
+    k_blocks, k_perm = jax.random.split(key)
+    origin, size = shuffle_blocks(k_blocks, shape, num_blocks)
+    kmax = _shuffle_sizes_max(shape)
+    slots = int(np.prod(kmax))
+    volume = jnp.prod(size, axis=1)
+    # One uniform permutation of 0..n_b-1 per block, in the first n_b slots of a row.
+    keys = jax.random.uniform(k_perm, (num_blocks, slots))
+    perm = jnp.argsort(jnp.where(jnp.arange(slots) < volume[:, None], keys, 2.0), axis=1)
+
+    def unravel(j, s):  # local index j in a block of size s -> (3,) offsets
+        return jnp.stack([j // (s[..., 1] * s[..., 2]), (j // s[..., 2]) % s[..., 1], j % s[..., 2]], -1)
+
+    j = jnp.arange(slots)
+    dest = origin[:, None, :] + unravel(j[None, :], size[:, None, :])  # (N, slots, 3)
+    src = origin[:, None, :] + unravel(perm, size[:, None, :])
+    valid = j[None, :] < volume[:, None]
+    # A write is final when no later block covers its destination.
+    d = dest[:, :, None, :]
+    covers = jnp.all((d >= origin[None, None]) & (d < (origin + size)[None, None]), axis=-1)  # (N, slots, N)
+    later = jnp.arange(num_blocks)[None, :] > jnp.arange(num_blocks)[:, None]  # (N, N)
+    final = valid & ~jnp.any(covers & later[:, None, :], axis=-1) & enabled
+    flat_dest = jnp.where(final, C.flat_index(shape, dest[..., 0], dest[..., 1], dest[..., 2]), x.size)
+    values = x.reshape(-1)[C.flat_index(shape, src[..., 0], src[..., 1], src[..., 2])]
+    return x.reshape(-1).at[flat_dest.reshape(-1)].set(values.reshape(-1), mode="drop").reshape(shape)
+
+
+@functools.lru_cache(maxsize=32)
+def _coverage_map(shape: tuple[int, int, int], num_blocks: int) -> np.ndarray:
+    """P(voxel lies in at least one of `num_blocks` reference blocks), per voxel."""
+    per_axis = []
+    for n, kmax in zip(shape, _shuffle_sizes_max(shape), strict=True):
+        i = np.arange(n)
+        cover = []
+        for b in range(1, kmax + 1):  # origins o in [0, n-b] with o <= i <= o + b - 1
+            count = np.minimum(i, n - b) - np.maximum(0, i - b + 1) + 1
+            cover.append(np.clip(count, 0, None) / (n - b + 1))
+        per_axis.append(np.mean(cover, axis=0))
+    p = per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
+    return (1.0 - (1.0 - p) ** num_blocks).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _coverage_integral(shape: tuple[int, int, int], num_blocks: int) -> np.ndarray:
+    """Summed-area table of `_coverage_map`, zero-padded in front: (X+1, Y+1, Z+1)."""
+    c = _coverage_map(shape, num_blocks).astype(np.float64)
+    table = np.zeros(tuple(n + 1 for n in shape))
+    table[1:, 1:, 1:] = c.cumsum(0).cumsum(1).cumsum(2)
+    return table.astype(np.float32)
+
+
+def _segments(key, n: int, kmax: int):
+    """Cut [0, n) into random segments: per coordinate, the start and length of its
+    segment, its offset inside it, and the segment's index.
+
+    Lengths k in 1..kmax are drawn with P(k) proportional to 1/(n - k + 1): a coordinate
+    then lies in a segment of length k with probability proportional to k/(n - k + 1),
+    which is how likely a reference block of size k (origin uniform in [0, n - k]) is to
+    cover it."""
+    k = np.arange(1, kmax + 1)
+    logits = jnp.asarray(-np.log(n - k + 1.0), jnp.float32)
+    lengths = jax.random.categorical(key, logits, shape=(n,)) + 1
+    starts = jnp.cumsum(lengths) - lengths
+    first = jnp.zeros((n,), jnp.int32).at[starts].add(1, mode="drop")
+    seg = jnp.cumsum(first) - 1
+    start = starts[seg]
+    return start, jnp.minimum(lengths[seg], n - start), jnp.arange(n) - start, seg
+
+
+def tiled_shuffle_source(key, shape, num_blocks):
+    """Source coordinates (three int32 arrays) of every voxel for a many-block shuffle, in
+    a few passes (see `local_shuffle`)."""
+    keys = jax.random.split(key, 5)
+    kmax = _shuffle_sizes_max(shape)
+    if np.prod(kmax) * int(_PRIMES.max()) >= 2**22:
+        raise ValueError(f"local_shuffle: cube {shape} too large for the tiled shuffle (float32 index "
+                         "arithmetic); use cubes up to ~160 voxels per side")
+    (x0, lx, rx, tx), (y0, ly, ry, ty), (z0, lz, rz, tz) = (
+        _segments(k, n, int(m)) for k, n, m in zip(keys[:3], shape, kmax, strict=True)
+    )
+
+    # Mean reference coverage over each voxel's tile, from a summed-area table: box sums
+    # by differences along x, then y, then z (separable takes, no per-voxel gather).
+    table = jnp.asarray(_coverage_integral(tuple(shape), num_blocks))
+    box = table[x0 + lx] - table[x0]
+    box = box[:, y0 + ly] - box[:, y0]
+    box = box[:, :, z0 + lz] - box[:, :, z0]
+    coverage = box / (lx[:, None, None] * ly[None, :, None] * lz[None, None, :])
+    # Per-tile random draws: a hash of the tile's id, evaluated at each of its voxels.
+    tile = C.flat_index(shape, tx[:, None, None], ty[None, :, None], tz[None, None, :])
+    shuffled = C.hash_uniform(keys[3], tile) < coverage
+    bits = C.hash_bits(keys[4], tile)
+    # Integer division is scalar on x86 (no SIMD form); these small non-negative integers
+    # are exact in float32, so quotients and remainders are computed in floating point.
+    x0, lx, rx = (a[:, None, None].astype(jnp.float32) for a in (x0, lx, rx))
+    y0, ly, ry = (a[None, :, None].astype(jnp.float32) for a in (y0, ly, ry))
+    z0, lz, rz = (a[None, None, :].astype(jnp.float32) for a in (z0, lz, rz))
+    volume = lx * ly * lz
+    local = (rx * ly + ry) * lz + rz
+    offset = jnp.floor((bits >> 8).astype(jnp.float32) * np.float32(2.0**-24) * volume)
+    multiplier = jnp.asarray(_PRIMES.astype(np.float32))[(bits & 15).astype(jnp.int32)]
+    src = _mod(multiplier * local + offset, volume)
+    sx = _div(src, ly * lz)
+    sy = _mod(_div(src, lz), ly)
+    sz = _mod(src, lz)
+    return tuple(jnp.where(shuffled, (o + d).astype(jnp.int32), g)
+                 for o, d, g in zip((x0, y0, z0), (sx, sy, sz), C.grid(shape), strict=True))
+
+
+def _div(a: jax.Array, b: jax.Array) -> jax.Array:
+    """floor(a / b) for non-negative integers held exactly in float32 (a, b < 2^22):
+    the +0.5 keeps the quotient at least 0.5/b away from an integer, far beyond rounding."""
+    return jnp.floor((a + 0.5) / b)
+
+
+def _mod(a: jax.Array, b: jax.Array) -> jax.Array:
+    return a - b * _div(a, b)
+
+
+def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int) -> jax.Array:
+    """Local pixel shuffling: permute the voxels inside small random blocks.
+
+    Blocks have sizes randint(1, n//10) per axis at random positions; each is read from the
+    original cube. Up to EXACT_SHUFFLE_MAX_BLOCKS blocks (TransVW: 5) this is the reference
+    procedure exactly: uniform permutations, later blocks overwriting earlier ones.
+
+    Many blocks (Models Genesis: 10,000, covering the cube ~1.9 times) would need that many
+    sequential scatters. The reference's outcome for one voxel is: it is covered by some
+    block with probability c(v) (computed exactly from the block distribution), the LAST
+    covering block is a size-biased draw (P(size k) proportional to k per axis, because
+    larger blocks cover more voxels), the voxel sits at a uniform place inside it, and its
+    new value comes from a uniform place inside the same block. A random rectilinear
+    tiling whose segment lengths are uniform in 1..n//10 reproduces exactly that: a voxel
+    falls in a segment of length k with probability proportional to k (the inspection
+    paradox) at a uniform offset; each tile is shuffled with probability c at its origin;
+    inside a shuffled tile, voxel j takes the value of voxel (a*j + c) mod n, a bijection
+    (a is a prime larger than any tile, c uniform), so the source is uniform in the tile
+    and the tile's values are only permuted. So which voxels move, and how far (per-axis
+    displacement: difference of two uniform positions in a size-biased block), match the
+    reference; what differs is only that the shuffled regions are tiles of a grid rather
+    than fragments of overlapping blocks. Cost: per-axis segment tables, two random
+    values per tile, one gather of the cube.
+    """
+    shape = tuple(x.shape)
+    if num_blocks <= 0:
+        return x
+    if num_blocks <= EXACT_SHUFFLE_MAX_BLOCKS:
+        return exact_shuffle(key, x, num_blocks)
+    return x.reshape(-1)[C.flat_index(shape, *tiled_shuffle_source(key, shape, num_blocks))]
