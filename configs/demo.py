@@ -12,6 +12,8 @@ the latest checkpoint in <workdir>, or from a fresh initialisation with a warnin
 
 import ml_collections
 
+from transvw_jax import transforms
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -27,6 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.cube_shape = (64, 64, 32)  # X, Y, Z; each divisible by 8
+
+    # Restoration transforms (used by pretraining): one sub-dict per transform; the
+    # Models Genesis settings are transforms.default_config("genesis").
+    config.transforms = transforms.default_config("transvw")
 
     config.export = ml_collections.ConfigDict()
     config.export.formats = ("pt", "safetensors")  # pt needs the torch extra

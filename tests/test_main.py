@@ -106,10 +106,12 @@ def test_pt_is_skipped_without_torch(tmp_path, monkeypatch, caplog):
          "config.stages: unknown stage 'pretrain'"),
         (["--config", "configs/demo.py", "--config.data.cube_shape=(64,64,30)"], "data.cube_shape"),
         (["--config", "configs/demo.py:huge"], "unknown config argument 'huge'"),
+        (["--config", "configs/demo.py", "--config.transforms.nonlinear.prob=1.5"],
+         "transforms.nonlinear.prob must be a probability in [0, 1], got 1.5"),
         (["--config", "configs/demo.py"], "missing required flag(s) --workdir"),
     ],
     ids=["missing-file", "unknown-key", "bad-value", "unknown-stage", "cube-shape", "config-arg",
-         "no-workdir"],
+         "transform-prob", "no-workdir"],
 )
 def test_bad_command_lines_exit_2_with_one_line(tmp_path, args, message):
     if "--config" in args and "missing required" not in message:

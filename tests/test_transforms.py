@@ -365,6 +365,24 @@ def test_genesis_equals_the_composition_of_single_transforms(num_blocks):
         np.testing.assert_array_equal(np.asarray(target), np.asarray(t))
 
 
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("choice_weights", (0.0, 0.0, 0.0, 0.0), "transforms.choice_weights"),
+        ("local_shuffle.num_blocks", -1, "transforms.local_shuffle.num_blocks"),
+        ("paint.inpaint_prob", 2.0, "transforms.paint.inpaint_prob"),
+        ("policy", "mixup", "transforms.policy"),
+    ],
+)
+def test_validate_config_names_the_bad_value(field, value, match):
+    cfg = T.default_config("genesis")
+    T.validate_config(cfg)
+    section, _, name = field.rpartition(".")
+    (cfg[section] if section else cfg)[name] = value
+    with pytest.raises(ValueError, match=match):
+        T.validate_config(cfg)
+
+
 def test_unknown_policy_is_named():
     cfg = T.default_config()
     cfg.policy = "mixup"

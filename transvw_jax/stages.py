@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from transvw_jax import checkpointing, export
+from transvw_jax import checkpointing, export, transforms
 from transvw_jax.errors import ConfigError
 from transvw_jax.models import abstract_variables, build_model, init_variables
 
@@ -37,6 +37,11 @@ def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
         step, variables = restored
         logging.info("exporting checkpoint step %d", step)
     head = config.export.head and "clc_out" in variables["params"]
+    if "transforms" in config:
+        try:
+            transforms.validate_config(config.transforms)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for fmt in config.export.formats:
         path = workdir / "export" / f"transvw.{fmt}"
         if fmt == "pt" and not _torch_available():
@@ -76,6 +81,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.cube_shape must be 3 positive sizes divisible by 8 (three 2x poolings), got {shape}"
         )
+    if "transforms" in config:
+        try:
+            transforms.validate_config(config.transforms)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for fmt in config.export.formats:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export.formats: unknown format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")

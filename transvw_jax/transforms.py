@@ -41,7 +41,7 @@ __all__ = [
     "TRANSFORM_NAMES", "apply_policy", "batch_policy", "default_config", "elastic",
     "elastic_displacement", "flip", "flip_axes", "genesis", "in_paint", "in_paint_blocks",
     "local_shuffle", "nonlinear", "nonlinear_curve", "out_paint", "out_paint_blocks",
-    "shuffle_blocks", "transvw",
+    "shuffle_blocks", "transvw", "validate_config",
 ]
 
 SHUFFLE, NONLINEAR, IN_PAINT, OUT_PAINT, FLIP = range(5)
@@ -65,6 +65,29 @@ def default_config(policy: str = "transvw") -> ml_collections.ConfigDict:
     c.in_paint = dict(max_blocks=5 if genesis else 1)
     c.out_paint = dict(max_extra_blocks=4 if genesis else 0)
     return c
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first bad `transforms.*` value."""
+    if cfg.policy not in ("transvw", "genesis"):
+        raise ValueError(f"transforms.policy: unknown policy {cfg.policy!r}; known: genesis, transvw")
+    weights = np.asarray(cfg.choice_weights, np.float64)
+    if weights.shape != (4,) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"transforms.choice_weights must be 4 non-negative weights, not all 0; "
+                         f"got {tuple(cfg.choice_weights)}")
+    for name in ("flip.prob", "local_shuffle.prob", "nonlinear.prob", "paint.prob", "paint.inpaint_prob"):
+        section, field = name.split(".")
+        value = cfg[section][field]
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"transforms.{name} must be a probability in [0, 1], got {value!r}")
+    for name in ("local_shuffle.num_blocks", "in_paint.max_blocks", "out_paint.max_extra_blocks",
+                 "flip.max_flips"):
+        section, field = name.split(".")
+        value = cfg[section][field]
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"transforms.{name} must be a non-negative integer, got {value!r}")
+    if cfg.in_paint.max_blocks < 1:
+        raise ValueError("transforms.in_paint.max_blocks must be at least 1")
 
 
 # --------------------------------------------------------------------------- non-linear
