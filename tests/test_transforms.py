@@ -400,3 +400,11 @@ def test_noise_is_uniform_and_uncorrelated():
         assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
     other = np.asarray(T._noise(jax.random.key(4), jnp.zeros((64, 64, 32))))
     assert abs(np.corrcoef(noise.ravel(), other.ravel())[0, 1]) < 0.01
+
+
+def test_elastic_at_points_equals_the_deformed_cube():
+    x = jnp.asarray(distinct_cube(SHUFFLE_SHAPE, 5))
+    key = jax.random.key(8)
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, x.size, 300))
+    full = np.asarray(T.elastic(key, x)).reshape(-1)[np.asarray(idx)]
+    np.testing.assert_allclose(np.asarray(T.elastic_at(key, x, idx)), full, atol=1e-5)

@@ -33,7 +33,7 @@ def shuffle_blocks(key: jax.Array, shape: tuple[int, int, int], num_blocks: int)
     return origin, size
 
 
-def exact_shuffle(key, x, num_blocks, enabled=True):
+def exact_shuffle(key, x, num_blocks, enabled=True, read=None):
     """The reference procedure, block by block: each block is read from the ORIGINAL
     cube, permuted uniformly and written back; a later block overwrites an earlier one.
 
@@ -63,7 +63,11 @@ def exact_shuffle(key, x, num_blocks, enabled=True):
     later = jnp.arange(num_blocks)[None, :] > jnp.arange(num_blocks)[:, None]  # (N, N)
     final = valid & ~jnp.any(covers & later[:, None, :], axis=-1) & enabled
     flat_dest = jnp.where(final, C.flat_index(shape, dest[..., 0], dest[..., 1], dest[..., 2]), x.size)
-    values = x.reshape(-1)[C.flat_index(shape, src[..., 0], src[..., 1], src[..., 2])]
+    flat_src = C.flat_index(shape, src[..., 0], src[..., 1], src[..., 2])
+    # `read(flat_indices)` supplies the source values when `x` is computed on the fly
+    # (TransVW reads them from the undeformed cube through the elastic map), so that x
+    # itself has a single consumer and XLA computes it once.
+    values = x.reshape(-1)[flat_src] if read is None else read(flat_src)
     return x.reshape(-1).at[flat_dest.reshape(-1)].set(values.reshape(-1), mode="drop").reshape(shape)
 
 

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from transvw_jax import cube_ops as C
-from transvw_jax.elastic import elastic, elastic_displacement
+from transvw_jax.elastic import elastic, elastic_at, elastic_displacement
 from transvw_jax.shuffle import (
     EXACT_SHUFFLE_MAX_BLOCKS,
     exact_shuffle,
@@ -39,7 +39,7 @@ from transvw_jax.shuffle import (
 __all__ = [
     "EXACT_SHUFFLE_MAX_BLOCKS", "FLIP", "IN_PAINT", "NONLINEAR", "OUT_PAINT", "POLICIES", "SHUFFLE",
     "TRANSFORM_NAMES", "apply_policy", "batch_policy", "default_config", "elastic",
-    "elastic_displacement", "flip", "flip_axes", "genesis", "in_paint", "in_paint_blocks",
+    "elastic_at", "elastic_displacement", "flip", "flip_axes", "genesis", "in_paint", "in_paint_blocks",
     "local_shuffle", "nonlinear", "nonlinear_curve", "out_paint", "out_paint_blocks",
     "shuffle_blocks", "transvw", "validate_config",
 ]
@@ -213,9 +213,9 @@ def _paint(key, x, active, inner, cfg):
     return jnp.where(active & jnp.where(inner, holes, ~kept), _noise(key, x), x)
 
 
-def _shuffle_where(key, x, do, num_blocks):
+def _shuffle_where(key, x, do, num_blocks, read=None):
     if num_blocks <= EXACT_SHUFFLE_MAX_BLOCKS:
-        return exact_shuffle(key, x, num_blocks, enabled=do)
+        return exact_shuffle(key, x, num_blocks, enabled=do, read=read)
     return jnp.where(do, local_shuffle(key, x, num_blocks), x)
 
 
@@ -230,11 +230,14 @@ def transvw(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     k_elastic, k_choice, k_t = jax.random.split(key, 3)
     target, dtype = x, x.dtype
     x = x.astype(jnp.float32)
+    read = None
     if cfg.elastic.enabled:
-        x = elastic(k_elastic, x, cfg.elastic.alpha, cfg.elastic.sigma)
+        e = cfg.elastic
+        read = functools.partial(elastic_at, k_elastic, x, alpha=e.alpha, sigma=e.sigma)
+        x = elastic(k_elastic, x, e.alpha, e.sigma)
     weights = np.asarray(cfg.choice_weights, np.float32)
     choice = jax.random.choice(k_choice, 4, p=jnp.asarray(weights / weights.sum())).astype(jnp.int32)
-    x = _shuffle_where(k_t, x, choice == SHUFFLE, cfg.local_shuffle.num_blocks)
+    x = _shuffle_where(k_t, x, choice == SHUFFLE, cfg.local_shuffle.num_blocks, read)
     x = jnp.where(choice == NONLINEAR, _apply_table(nonlinear_curve(k_t)[0], x), x)
     x = _paint(k_t, x, choice >= IN_PAINT, choice == IN_PAINT, cfg)
     return x.astype(dtype), target, choice
