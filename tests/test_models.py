@@ -154,6 +154,7 @@ def test_training_updates_only_batch_stats_collection(small_ynet):
         ({"bn": "sync"}, "model.bn"),
         ({"dtype": "float16"}, "model.dtype"),
         ({"num_classes": 0}, "model.num_classes"),
+        ({"conv_impl": "fft"}, "model.conv_impl"),
     ],
 )
 def test_build_model_names_the_bad_key(cfg, match):
@@ -161,3 +162,32 @@ def test_build_model_names_the_bad_key(cfg, match):
 
     with pytest.raises(ConfigError, match=match):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("k, cin, cout", [(3, 3, 5), (1, 4, 2), (5, 2, 3)])
+def test_depth2d_convolution_matches_xla_3d(k, cin, cout):
+    """Forward and both gradients of the CPU fast path equal lax's 3D convolution."""
+    from transvw_jax.models.layers import conv3d_same
+
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.standard_normal((2, 6, 8, 4, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, k, cin, cout)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((2, 6, 8, 4, cout)), jnp.float32)
+
+    def loss(impl):
+        return lambda x, w: (conv3d_same(x, w, impl) * cot).sum()
+
+    np.testing.assert_allclose(conv3d_same(x, w, "depth2d"), conv3d_same(x, w, "xla3d"), rtol=1e-5, atol=1e-4)
+    fast = jax.grad(loss("depth2d"), argnums=(0, 1))(x, w)
+    slow = jax.grad(loss("xla3d"), argnums=(0, 1))(x, w)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_conv_impls_give_the_same_model_outputs(small_ynet):
+    _, variables = small_ynet
+    x = random_cubes(seed=6)
+    outs = [jit_apply(YNet3D(num_classes=6, width=4, conv_impl=impl))(variables, x, train=False)
+            for impl in ("xla3d", "depth2d")]
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)

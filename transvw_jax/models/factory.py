@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from transvw_jax.errors import ConfigError
-from transvw_jax.models.layers import BN_MODES
+from transvw_jax.models.layers import BN_MODES, CONV_IMPLS
 from transvw_jax.models.unet3d import EncoderClassifier, UNet3D, YNet3D
 
 MODELS = {"unet3d": UNet3D, "ynet3d": YNet3D, "encoder_classifier": EncoderClassifier}
@@ -22,7 +22,8 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Create the module described by a `config.model` section.
 
     Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
-    dtype (float32 | bfloat16), num_classes (ynet3d, encoder_classifier).
+    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d), num_classes (ynet3d,
+    encoder_classifier).
 
     Raises:
       ConfigError naming the offending `model.*` key.
@@ -39,7 +40,10 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     dtype_name = cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
-    kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name])
+    conv_impl = cfg.get("conv_impl", "auto")
+    if conv_impl not in CONV_IMPLS:
+        raise ConfigError(f"model.conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
+    kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name], conv_impl=conv_impl)
     if name != "unet3d":
         num_classes = cfg.get("num_classes", 44)
         if not isinstance(num_classes, int) or num_classes < 1:

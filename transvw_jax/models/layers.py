@@ -41,12 +41,48 @@ def torch_default_init(fan_in: int):
     return init
 
 
+CONV_IMPLS = ("auto", "xla3d", "depth2d")
+
+
+def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
+    """Stride-1 'same' 3D convolution (cross-correlation) of x (B, X, Y, Z, C_in) with
+    kernel (kx, ky, kz, C_in, C_out), odd kernel sizes.
+
+    impl="xla3d" is XLA's 3D convolution. impl="depth2d" writes it as kx 2D convolutions
+    over (Y, Z) on depth-shifted slices, summed: XLA:CPU sends 2D convolutions to YNNPACK
+    but every 3D convolution to a generic path (measured at 32->64 channels, 64x64x32,
+    batch 2: forward 72 -> 116 GFLOP/s). impl="auto" picks depth2d on the CPU backend and
+    xla3d elsewhere (cuDNN and the TPU compiler handle 3D convolutions well).
+    """
+    if impl == "auto":
+        impl = "depth2d" if jax.default_backend() == "cpu" else "xla3d"
+    if impl == "xla3d":
+        return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    if impl != "depth2d":
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    b, sx, sy, sz, cin = x.shape
+    k = kernel.shape[0]
+    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0), (0, 0)))
+    out = None
+    for kx in range(k):
+        plane = xp[:, kx:kx + sx].reshape(b * sx, sy, sz, cin)
+        y = lax.conv_general_dilated(plane, kernel[kx], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = y if out is None else out + y
+    return out.reshape(b, sx, sy, sz, kernel.shape[-1])
+
+
 class Conv3D(nn.Module):
-    """3D convolution with 'same' padding (PyTorch padding=k//2 for odd k) and a bias."""
+    """3D convolution with 'same' padding (PyTorch padding=k//2 for odd k) and a bias.
+
+    `impl` chooses the arithmetic (see `conv3d_same`); parameters are the same for all.
+    """
 
     features: int
     kernel_size: int = 3
     dtype: Dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,13 +94,7 @@ class Conv3D(nn.Module):
         if k == 1:
             y = jnp.einsum("...c,co->...o", x, kernel[0, 0, 0].astype(self.dtype))
         else:
-            y = lax.conv_general_dilated(
-                x,
-                kernel.astype(self.dtype),
-                window_strides=(1, 1, 1),
-                padding="SAME",
-                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-            )
+            y = conv3d_same(x, kernel.astype(self.dtype), self.impl)
         return y + bias.astype(self.dtype)
 
 

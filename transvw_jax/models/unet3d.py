@@ -37,10 +37,11 @@ class LUConv(nn.Module):
     features: int
     bn: str = "reference"
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv3D(self.features, 3, dtype=self.dtype, name="conv1")(x)
+        x = Conv3D(self.features, 3, dtype=self.dtype, impl=self.conv_impl, name="conv1")(x)
         x = BatchNorm(mode=self.bn, dtype=self.dtype, name="bn1")(x, train)
         return nn.relu(x)
 
@@ -55,11 +56,12 @@ class DownTransition(nn.Module):
     features: tuple[int, int]
     bn: str = "reference"
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for i, f in enumerate(self.features):
-            x = LUConv(f, self.bn, self.dtype, name=f"ops_{i}")(x, train)
+            x = LUConv(f, self.bn, self.dtype, self.conv_impl, name=f"ops_{i}")(x, train)
         return x
 
 
@@ -72,7 +74,7 @@ def _check_input(x: jax.Array) -> None:
         )
 
 
-def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool):
+def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool, conv_impl: str = "auto"):
     """The four down transitions. Must be called inside a compact method: the blocks
     attach to the calling module under the reference names (down_tr64 ... down_tr512).
 
@@ -82,19 +84,20 @@ def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool):
     for d in range(DEPTHS):
         c = width * 2**d
         # The reference names blocks by their output channels at width 32.
-        x = DownTransition((c, 2 * c), bn, dtype, name=f"down_tr{64 * 2**d}")(x, train)
+        x = DownTransition((c, 2 * c), bn, dtype, conv_impl, name=f"down_tr{64 * 2**d}")(x, train)
         if d < DEPTHS - 1:
             skips.append(x)
             x = max_pool_2x(x)
     return x, skips
 
 
-def _decoder(x: jax.Array, skips: list, width: int, bn: str, dtype: Dtype, train: bool):
+def _decoder(x: jax.Array, skips: list, width: int, bn: str, dtype: Dtype, train: bool,
+             conv_impl: str = "auto"):
     for d in reversed(range(DEPTHS - 1)):
         # From below come width*2^(d+2) channels (512, 256, 128 at width 32); the block
         # returns width*2^(d+1). Reference names: up_tr256, up_tr128, up_tr64.
         up, out = width * 2 ** (d + 2), width * 2 ** (d + 1)
-        block = UpTransition(up, out, bn, dtype, name=f"up_tr{64 * 2**d}")
+        block = UpTransition(up, out, bn, dtype, conv_impl, name=f"up_tr{64 * 2**d}")
         x = block(x, skips[d], train)
     return x
 
@@ -106,13 +109,14 @@ class UpTransition(nn.Module):
     features: int
     bn: str
     dtype: Dtype
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
         x = ConvTranspose2x(self.up_features, dtype=self.dtype, name="up_conv")(x)
         x = jnp.concatenate([x, skip.astype(self.dtype)], axis=-1)
         for i in range(2):
-            x = LUConv(self.features, self.bn, self.dtype, name=f"ops_{i}")(x, train)
+            x = LUConv(self.features, self.bn, self.dtype, self.conv_impl, name=f"ops_{i}")(x, train)
         return x
 
 
@@ -127,10 +131,11 @@ class ClassificationHead(nn.Module):
     width: int = 32
     bn: str = "reference"
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv3D(32 * self.width, 3, dtype=self.dtype, name="conv1")(x)
+        x = Conv3D(32 * self.width, 3, dtype=self.dtype, impl=self.conv_impl, name="conv1")(x)
         x = BatchNorm(mode=self.bn, dtype=self.dtype, name="bn1")(x, train)
         x = nn.relu(x)
         x = x.astype(jnp.float32).mean(axis=(1, 2, 3))
@@ -144,12 +149,13 @@ class UNet3D(nn.Module):
     width: int = 32
     bn: str = "reference"
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         _check_input(x)
-        x, skips = _encoder(x, self.width, self.bn, self.dtype, train)
-        x = _decoder(x, skips, self.width, self.bn, self.dtype, train)
+        x, skips = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl)
+        x = _decoder(x, skips, self.width, self.bn, self.dtype, train, self.conv_impl)
         return OutputTransition(self.out_channels, self.dtype, name="out_tr")(x)
 
 
@@ -177,14 +183,16 @@ class YNet3D(nn.Module):
     bn: str = "reference"
     dtype: Dtype = jnp.float32
     out_channels: int = 1
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         _check_input(x)
-        bottleneck, skips = _encoder(x, self.width, self.bn, self.dtype, train)
-        y = _decoder(bottleneck, skips, self.width, self.bn, self.dtype, train)
+        bottleneck, skips = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl)
+        y = _decoder(bottleneck, skips, self.width, self.bn, self.dtype, train, self.conv_impl)
         restoration = OutputTransition(self.out_channels, self.dtype, name="out_tr")(y)
-        head = ClassificationHead(self.num_classes, self.width, self.bn, self.dtype, name="clc_out")
+        head = ClassificationHead(self.num_classes, self.width, self.bn, self.dtype, self.conv_impl,
+                                  name="clc_out")
         return restoration, head(bottleneck, train)
 
 
@@ -200,10 +208,12 @@ class EncoderClassifier(nn.Module):
     width: int = 32
     bn: str = "reference"
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         _check_input(x)
-        bottleneck, _ = _encoder(x, self.width, self.bn, self.dtype, train)
-        head = ClassificationHead(self.num_classes, self.width, self.bn, self.dtype, name="clc_out")
+        bottleneck, _ = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl)
+        head = ClassificationHead(self.num_classes, self.width, self.bn, self.dtype, self.conv_impl,
+                                  name="clc_out")
         return head(bottleneck, train)
