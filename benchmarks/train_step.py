@@ -10,7 +10,7 @@ convolution of the network forward+backward, per implementation. JSON lines:
    "cubes_per_s", "s_per_step", "gflop_per_step", "mfu"}
 
   python benchmarks/train_step.py --compare-torch                # batch 2, width 32, float32
-  python benchmarks/train_step.py --conv-impl xla3d --compare-torch
+  python benchmarks/train_step.py --conv-impl depth2d --compare-torch
   python benchmarks/train_step.py --layers --width 32
 """
 
@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--cube", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla3d", "depth2d"])
+    p.add_argument("--conv-impl", default="xla3d", choices=["xla3d", "depth2d"])
     p.add_argument("--iters", type=int, default=3, help="timed steps per implementation")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")

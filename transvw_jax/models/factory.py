@@ -22,7 +22,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Create the module described by a `config.model` section.
 
     Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
-    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d), num_classes (ynet3d,
+    dtype (float32 | bfloat16), conv_impl (xla3d | depth2d), num_classes (ynet3d,
     encoder_classifier).
 
     Raises:
@@ -40,7 +40,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     dtype_name = cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
-    conv_impl = cfg.get("conv_impl", "auto")
+    conv_impl = cfg.get("conv_impl", "xla3d")
     if conv_impl not in CONV_IMPLS:
         raise ConfigError(f"model.conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
     kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name], conv_impl=conv_impl)

@@ -41,21 +41,21 @@ def torch_default_init(fan_in: int):
     return init
 
 
-CONV_IMPLS = ("auto", "xla3d", "depth2d")
+CONV_IMPLS = ("xla3d", "depth2d")
 
 
-def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
+def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Array:
     """Stride-1 'same' 3D convolution (cross-correlation) of x (B, X, Y, Z, C_in) with
     kernel (kx, ky, kz, C_in, C_out), odd kernel sizes.
 
-    impl="xla3d" is XLA's 3D convolution. impl="depth2d" writes it as kx 2D convolutions
-    over (Y, Z) on depth-shifted slices, summed: XLA:CPU sends 2D convolutions to YNNPACK
-    but every 3D convolution to a generic path (measured at 32->64 channels, 64x64x32,
-    batch 2: forward 72 -> 116 GFLOP/s). impl="auto" picks depth2d on the CPU backend and
-    xla3d elsewhere (cuDNN and the TPU compiler handle 3D convolutions well).
+    impl="xla3d" is XLA's 3D convolution (the default everywhere). impl="depth2d" writes
+    it as kx 2D convolutions over (Y, Z) on depth-shifted slices, summed: XLA:CPU sends 2D
+    convolutions to YNNPACK but 3D ones to a generic path. Measured on this project's
+    2-core CPU: forward of a 32->64 layer at 64x64x32, batch 2, 72 -> 116 GFLOP/s, but
+    the full YNet3D training step 19.3 s (xla3d) vs 21.2 s (depth2d), because the
+    autodiff backward of the 2D form is slower. So depth2d is opt-in, e.g. for CPU
+    inference; making it win in training (a custom backward) is issue 6.
     """
-    if impl == "auto":
-        impl = "depth2d" if jax.default_backend() == "cpu" else "xla3d"
     if impl == "xla3d":
         return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
@@ -82,7 +82,7 @@ class Conv3D(nn.Module):
     features: int
     kernel_size: int = 3
     dtype: Dtype = jnp.float32
-    impl: str = "auto"
+    impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -37,7 +37,7 @@ class LUConv(nn.Module):
     features: int
     bn: str = "reference"
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -56,7 +56,7 @@ class DownTransition(nn.Module):
     features: tuple[int, int]
     bn: str = "reference"
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -74,7 +74,7 @@ def _check_input(x: jax.Array) -> None:
         )
 
 
-def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool, conv_impl: str = "auto"):
+def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool, conv_impl: str = "xla3d"):
     """The four down transitions. Must be called inside a compact method: the blocks
     attach to the calling module under the reference names (down_tr64 ... down_tr512).
 
@@ -92,7 +92,7 @@ def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool, conv_
 
 
 def _decoder(x: jax.Array, skips: list, width: int, bn: str, dtype: Dtype, train: bool,
-             conv_impl: str = "auto"):
+             conv_impl: str = "xla3d"):
     for d in reversed(range(DEPTHS - 1)):
         # From below come width*2^(d+2) channels (512, 256, 128 at width 32); the block
         # returns width*2^(d+1). Reference names: up_tr256, up_tr128, up_tr64.
@@ -109,7 +109,7 @@ class UpTransition(nn.Module):
     features: int
     bn: str
     dtype: Dtype
-    conv_impl: str = "auto"
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
@@ -131,7 +131,7 @@ class ClassificationHead(nn.Module):
     width: int = 32
     bn: str = "reference"
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -149,7 +149,7 @@ class UNet3D(nn.Module):
     width: int = 32
     bn: str = "reference"
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -183,7 +183,7 @@ class YNet3D(nn.Module):
     bn: str = "reference"
     dtype: Dtype = jnp.float32
     out_channels: int = 1
-    conv_impl: str = "auto"
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -208,7 +208,7 @@ class EncoderClassifier(nn.Module):
     width: int = 32
     bn: str = "reference"
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
