@@ -42,15 +42,6 @@ def save(workdir: str | os.PathLike, step: int, variables: Mapping[str, Any],
         mngr.wait_until_finished()
 
 
-def latest_step(workdir: str | os.PathLike) -> int | None:
-    """The newest complete checkpoint step under `<workdir>/checkpoints`, or None."""
-    directory = checkpoint_dir(workdir)
-    if not directory.is_dir():
-        return None
-    with _manager(directory) as mngr:
-        return mngr.latest_step()
-
-
 def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
                       step: int | None = None) -> tuple[int, dict] | None:
     """Restore the model variables of checkpoint `step` (default: the latest).

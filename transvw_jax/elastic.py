@@ -29,6 +29,14 @@ def _smoothing_basis(n: int, sigma: float, tol: float = 1e-5) -> np.ndarray:
     return (u[:, :r] * s[:r]).astype(np.float32)
 
 
+def _field_factors(key: jax.Array, shape, alpha: float, sigma: float):
+    """The random core (2, r_x, r_y, r_z), scaled, and the three per-axis bases: the one
+    draw that `elastic_displacement` and `elastic_at` must share to agree."""
+    bx, by, bz = (jnp.asarray(_smoothing_basis(int(n), float(sigma))) for n in shape)
+    core = jax.random.normal(key, (2, bx.shape[1], by.shape[1], bz.shape[1])) * (np.sqrt(1.0 / 3.0) * alpha)
+    return core, bx, by, bz
+
+
 def elastic_displacement(key: jax.Array, shape, alpha: float = 991.0, sigma: float = 8.0):
     """The reference's displacement fields for x and y: gaussian_filter(uniform(-1, 1),
     sigma, mode='constant') * alpha, drawn without filtering a full-size noise volume.
@@ -41,8 +49,7 @@ def elastic_displacement(key: jax.Array, shape, alpha: float = 991.0, sigma: flo
     for 64x64x32, sigma 8); C is Gaussian where the reference field is a sum of thousands
     of uniforms, i.e. Gaussian to a very good approximation.
     """
-    bx, by, bz = (jnp.asarray(_smoothing_basis(int(n), float(sigma))) for n in shape)
-    core = jax.random.normal(key, (2, bx.shape[1], by.shape[1], bz.shape[1])) * (np.sqrt(1.0 / 3.0) * alpha)
+    core, bx, by, bz = _field_factors(key, shape, alpha, sigma)
     # Contract x and y on the small core first, z last as one matmul whose output is
     # already in (X, Y, Z) order: z has the smallest rank, so the full-size step is the
     # cheapest, and a dot is computed once (written as fused multiply-adds instead,
@@ -86,8 +93,7 @@ def elastic_at(key: jax.Array, x: jax.Array, flat_index: jax.Array, alpha: float
     """`elastic(key, x, ...).reshape(-1)[flat_index]` (float32) without deforming the whole
     cube: the fields at just those voxels, from the same low-rank factors."""
     shape = x.shape
-    bx, by, bz = (jnp.asarray(_smoothing_basis(int(n), float(sigma))) for n in shape)
-    core = jax.random.normal(key, (2, bx.shape[1], by.shape[1], bz.shape[1])) * (np.sqrt(1.0 / 3.0) * alpha)
+    core, bx, by, bz = _field_factors(key, shape, alpha, sigma)
     ix, iy, iz = jnp.unravel_index(flat_index, shape)
     field = jnp.einsum("fabc,...a,...b,...c->f...", core, bx[ix], by[iy], bz[iz])
     return _sample(x, ix + field[0], iy + field[1], iz)
