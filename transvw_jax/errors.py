@@ -20,3 +20,7 @@ class ConfigError(TransVWError):
 
 class CheckpointError(TransVWError):
     """A missing, corrupt or mismatched checkpoint or weight file."""
+
+
+class DataError(TransVWError):
+    """A missing, unreadable or unusable data file or directory (volumes, stores)."""

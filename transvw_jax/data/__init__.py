@@ -1,0 +1,1 @@
+"""Volumes, embedded phantoms, the visual-word store and Grain loaders."""
