@@ -6,30 +6,55 @@ A tiny variant (width 4) for smoke tests:
   python -m transvw_jax.main --config configs/demo.py:runlocal --workdir runs/tiny
 Override any value on the command line, e.g. --config.model.width=16.
 
-Stages available today: export (writes <workdir>/export/transvw.{pt,safetensors} from
-the latest checkpoint in <workdir>, or from a fresh initialisation with a warning).
+Stages available today: synthesize (procedural phantoms -> <workdir>/volumes), discover
+(self-discovery -> <workdir>/store, the visual-word store), export (writes
+<workdir>/export/transvw.{pt,safetensors} from the latest checkpoint in <workdir>, or from
+a fresh initialisation with a warning). Run a subset with
+--config.stages="('discover',)".
 """
 
 import ml_collections
 
-from transvw_jax import transforms
+from transvw_jax import discovery, transforms
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.stages = ("export",)
+    config.stages = ("synthesize", "discover", "export")
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "ynet3d"  # unet3d (Models Genesis) | ynet3d (TransVW) | encoder_classifier
     config.model.width = 32  # 32 is the reference network
-    config.model.num_classes = 44  # visual-word classes (ignored by unet3d)
+    config.model.num_classes = 16  # visual-word classes (ignored by unet3d); the paper: 44+
     config.model.bn = "reference"  # reference: batch statistics also at eval | standard
     config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     config.model.conv_impl = "xla3d"  # or depth2d: faster CPU forward, slower CPU training
 
     config.data = ml_collections.ConfigDict()
     config.data.cube_shape = (64, 64, 32)  # X, Y, Z; each divisible by 8
+
+    # The embedded data: procedural chest-CT-like phantoms written to <workdir>/volumes.
+    config.synthesize = ml_collections.ConfigDict()
+    config.synthesize.count = 32
+    config.synthesize.shape = (96, 96, 48)  # X, Y, Z voxels
+    config.synthesize.spacing = (3.5, 3.5, 7.0)  # mm: a chest-sized field of view
+    config.synthesize.seed = 0
+    config.synthesize.masks = False  # also write the nodule masks (volumes/masks/)
+
+    # Self-discovery (REFERENCE.md section 4), scaled down from the reference settings
+    # (128x128x64 auto-encoder at width 32, 200 + 30 instances, borders 100/100/30) so that
+    # it runs in a few minutes on a laptop CPU.
+    config.discovery = discovery.default_config()
+    config.discovery.autoencoder.size = (32, 32, 16)
+    config.discovery.autoencoder.width = 4
+    config.discovery.autoencoder.steps = 100
+    config.discovery.autoencoder.batch_size = 4
+    config.discovery.words.train_instances = 8
+    config.discovery.words.val_instances = 3
+    config.discovery.words.border = (8, 8, 4)
+    config.discovery.words.extra_size = (50, 80)
+    config.discovery.words.extra_offset = (-10, 10)
 
     # Restoration transforms (used by pretraining): one sub-dict per transform; the
     # Models Genesis settings are transforms.default_config("genesis").
@@ -43,6 +68,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.width = 4
         config.model.num_classes = 8
         config.data.cube_shape = (16, 16, 8)
+        config.synthesize.count = 12
+        config.synthesize.shape = (32, 32, 16)
+        config.synthesize.spacing = (10.0, 10.0, 20.0)
+        config.discovery.autoencoder.size = (16, 16, 8)
+        config.discovery.autoencoder.width = 2
+        config.discovery.autoencoder.steps = 4
+        config.discovery.words.train_instances = 4
+        config.discovery.words.val_instances = 2
+        config.discovery.words.border = (2, 2, 1)
+        config.discovery.words.extra_size = (12, 20)
+        config.discovery.words.extra_offset = (-2, 2)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; known: runlocal")
     return config

@@ -13,6 +13,7 @@ import pytest
 from test_export import assert_trees_equal
 
 from transvw_jax import checkpointing, export, stages
+from transvw_jax.data import store
 from transvw_jax.errors import CheckpointError, ConfigError
 from transvw_jax.models import build_model, init_variables
 
@@ -36,7 +37,9 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def tiny_config(**model):
+    """The tiny demo config with only the export stage."""
     config = demo.get_config("runlocal")
+    config.stages = ("export",)
     config.model.update(model)
     return config
 
@@ -44,7 +47,7 @@ def tiny_config(**model):
 def test_demo_export_from_fresh_init(tmp_path):
     """The CLI writes both files from a fresh init (with a warning) and saves the config."""
     proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
-                    "--config.model.width=8")
+                    "--config.model.width=8", "--config.stages=('export',)")
     assert proc.returncode == 0, proc.stderr
     assert "no checkpoint in" in proc.stderr
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -73,6 +76,31 @@ def test_export_stage_uses_the_latest_checkpoint(tmp_path):
     assert_trees_equal(exported, newer)
 
 
+def test_demo_synthesize_and_discover_leave_a_store(tmp_path):
+    """The tiny demo's first two stages: phantoms in volumes/, a valid visual-word store."""
+    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
+                    "--config.stages=('synthesize','discover')")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "volumes").glob("phantom_*.nii.gz"))) == 12
+    s = store.open_store(tmp_path / "store")
+    assert s.num_classes == 8 and s.num_cubes("train") == 8 * 4 * 3 and s.num_cubes("validation") == 8 * 2
+    assert "discover/extract: 12/12 patients" in proc.stderr
+    assert "orbax" not in proc.stderr.lower()  # library INFO lines are hidden
+    # discover alone reuses the volumes and the trained auto-encoder
+    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
+                    "--config.stages=('discover',)")
+    assert proc.returncode == 0, proc.stderr
+    assert "discover/autoencoder: reusing" in proc.stderr
+
+
+def test_discover_without_volumes_exits_1_naming_the_directory(tmp_path):
+    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
+                    "--config.stages=('discover',)")
+    assert proc.returncode == 1
+    assert error_line(proc) == f"error: {tmp_path / 'volumes'}: no such directory"
+    assert not (tmp_path / "store").exists()
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     narrow = build_model(tiny_config().model)
     checkpointing.save(tmp_path, 1, init_variables(narrow, jax.random.key(0)))
@@ -81,7 +109,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=expected):
         stages.run(tiny_config(width=8), tmp_path)
     proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
-                    "--config.model.num_classes=5")
+                    "--config.model.num_classes=5", "--config.stages=('export',)")
     assert proc.returncode == 1
     assert "params/clc_out/fc1/bias has shape (8,), the configured model needs (5,)" in error_line(proc)
     assert not (tmp_path / "export").exists()
@@ -108,10 +136,12 @@ def test_pt_is_skipped_without_torch(tmp_path, monkeypatch, caplog):
         (["--config", "configs/demo.py:huge"], "unknown config argument 'huge'"),
         (["--config", "configs/demo.py", "--config.transforms.nonlinear.prob=1.5"],
          "transforms.nonlinear.prob must be a probability in [0, 1], got 1.5"),
+        (["--config", "configs/demo.py", "--config.discovery.store.dtype=int8"],
+         "discovery.store.dtype: 'int8' is not one of uint16, float16, float32"),
         (["--config", "configs/demo.py"], "missing required flag(s) --workdir"),
     ],
     ids=["missing-file", "unknown-key", "bad-value", "unknown-stage", "cube-shape", "config-arg",
-         "transform-prob", "no-workdir"],
+         "transform-prob", "store-dtype", "no-workdir"],
 )
 def test_bad_command_lines_exit_2_with_one_line(tmp_path, args, message):
     if "--config" in args and "missing required" not in message:

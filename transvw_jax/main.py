@@ -79,9 +79,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def _hide_library_info(record) -> bool:
+    """Keep our INFO lines, drop the libraries' (Orbax logs ~30 lines per checkpoint)."""
+    return record.levelno >= logging.converter.STANDARD_WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/jax/_src/", "/grain/"))
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_hide_library_info)
     try:
         stages.run(FLAGS.config, _WORKDIR.value)
     except TransVWError as e:

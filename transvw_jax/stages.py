@@ -16,11 +16,26 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from transvw_jax import checkpointing, export, transforms
+from transvw_jax import checkpointing, discovery, export, transforms
+from transvw_jax.data import synthetic
 from transvw_jax.errors import ConfigError
 from transvw_jax.models import abstract_variables, build_model, init_variables
 
 EXPORT_FORMATS = ("pt", "safetensors")
+
+
+def synthesize_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Write the embedded phantoms (`config.synthesize`) into `<workdir>/volumes`."""
+    s = config.synthesize
+    out = workdir / "volumes"
+    paths = synthetic.write_phantoms(out, s.count, shape=tuple(s.shape), seed=s.seed,
+                                     spacing=tuple(s.spacing), masks=s.masks)
+    logging.info("synthesize: wrote %d phantoms of %s voxels to %s", len(paths), tuple(s.shape), out)
+
+
+def discover_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Self-discovery: `config.discovery.volumes_dir` (default `<workdir>/volumes`) -> `<workdir>/store`."""
+    discovery.discover(config, workdir)
 
 
 def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -61,6 +76,8 @@ def _torch_available() -> bool:
 
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], None]] = {
+    "synthesize": synthesize_stage,
+    "discover": discover_stage,
     "export": export_stage,
 }
 
@@ -86,6 +103,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             transforms.validate_config(config.transforms)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if "synthesize" in stages:
+        s = config.get("synthesize")
+        if s is None:
+            raise ConfigError("stage synthesize needs a config.synthesize section")
+        if s.count < 1 or len(s.shape) != 3 or any(n < 8 for n in s.shape):
+            raise ConfigError(f"synthesize: count must be >= 1 and shape 3 sizes >= 8, got {s.count}, "
+                              f"{tuple(s.shape)}")
+    if "discover" in stages:
+        if config.get("discovery") is None:
+            raise ConfigError("stage discover needs a config.discovery section")
+        discovery.validate_config(config)
     for fmt in config.export.formats:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export.formats: unknown format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")

@@ -1,0 +1,153 @@
+"""Self-discovery: volumes -> auto-encoder embeddings -> visual words -> a visual-word store.
+
+`discover(config, workdir)` runs the whole first half of TransVW and leaves under the
+workdir:
+  discovery/resized.npy                   the volumes resized for the auto-encoder (float16)
+  discovery/autoencoder/checkpoints/      the auto-encoder (Orbax)
+  discovery/embeddings.npy, patients.json one embedding per patient, the patient list + split
+  discovery/plan.json                     per class: reference, coordinate, nearest patients
+  store/                                  the visual-word store (data/store.py)
+Patients are split into training and validation once, by the seed; classes draw their
+references from the training patients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from transvw_jax.data import store as store_lib
+from transvw_jax.data import volumes
+from transvw_jax.discovery import autoencoder, words
+from transvw_jax.errors import ConfigError, DataError
+
+STORE_DIR = "store"
+DISCOVERY_DIR = "discovery"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.volumes_dir = ""  # "" = <workdir>/volumes, where the synthesize stage writes
+    c.normalization = "ct"  # ct (HU window [-1000, 1000]) | percentile (MRI) | none
+    c.spacing = ()  # () keeps each volume's spacing; (2.0, 2.0, 2.0) resamples to 2 mm
+    c.val_fraction = 0.2  # share of the patients kept for validation instances
+    c.seed = 0
+    c.autoencoder = autoencoder.default_config()
+    c.words = words.default_config()
+    c.store = ml_collections.ConfigDict()
+    c.store.dtype = "uint16"  # uint16 | float16 | float32 (precision: data/store.py)
+    c.store.records_per_shard = 1024
+    return c
+
+
+def volumes_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    d = config.discovery.volumes_dir
+    return Path(d) if d else workdir / "volumes"
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Cheap checks before any work; ConfigError names the key."""
+    d = config.discovery
+    if d.normalization not in volumes.NORMALIZATIONS:
+        raise ConfigError(f"discovery.normalization: {d.normalization!r} is not one of "
+                          f"{', '.join(volumes.NORMALIZATIONS)}")
+    if d.spacing and (len(d.spacing) != 3 or any(s <= 0 for s in d.spacing)):
+        raise ConfigError(f"discovery.spacing must be () or 3 positive sizes in mm, got {tuple(d.spacing)}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"discovery.val_fraction must be in [0, 1), got {d.val_fraction}")
+    size = tuple(d.autoencoder.size)
+    if len(size) != 3 or any(s <= 0 or s % 8 for s in size):
+        raise ConfigError(f"discovery.autoencoder.size must be 3 sizes divisible by 8, got {size}")
+    for key in ("width", "steps", "batch_size"):
+        if d.autoencoder[key] < 1:
+            raise ConfigError(f"discovery.autoencoder.{key} must be >= 1, got {d.autoencoder[key]}")
+    w = d.words
+    if w.train_instances < 1 or w.val_instances < 0:
+        raise ConfigError("discovery.words.train_instances must be >= 1 and val_instances >= 0")
+    if len(w.border) != 3 or any(b < 0 for b in w.border):
+        raise ConfigError(f"discovery.words.border must be 3 sizes >= 0, got {tuple(w.border)}")
+    if w.max_tries < 1:
+        raise ConfigError(f"discovery.words.max_tries must be >= 1, got {w.max_tries}")
+    for key in ("extra_size", "extra_offset"):
+        lo_hi = tuple(w[key])
+        if len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]:
+            raise ConfigError(f"discovery.words.{key} must be (low, high) with low < high, got {lo_hi}")
+    if w.extra_size[0] < 1:
+        raise ConfigError(f"discovery.words.extra_size must be positive, got {tuple(w.extra_size)}")
+    if d.store.dtype not in store_lib.CUBE_DTYPES:
+        raise ConfigError(f"discovery.store.dtype: {d.store.dtype!r} is not one of "
+                          f"{', '.join(store_lib.CUBE_DTYPES)}")
+    if d.store.records_per_shard < 1:
+        raise ConfigError("discovery.store.records_per_shard must be >= 1")
+
+
+def split_patients(count: int, val_fraction: float, seed: int) -> list[str]:
+    """'train' / 'validation' per patient: a seeded draw of round(val_fraction * count) patients."""
+    n_val = int(round(val_fraction * count))
+    if val_fraction > 0 and n_val == 0 and count > 1:
+        n_val = 1
+    val = set(np.random.default_rng([seed, 2]).choice(count, size=n_val, replace=False).tolist())
+    return [words.VALIDATION if i in val else words.TRAIN for i in range(count)]
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Run self-discovery from `config.discovery` into `workdir`; returns the store path."""
+    workdir = Path(workdir)
+    validate_config(config)
+    d = config.discovery
+    cube = tuple(int(s) for s in config.data.cube_shape)
+    spacing = tuple(float(s) for s in d.spacing) or None
+    source = volumes_dir(config, workdir)
+    files = volumes.list_volume_files(source)
+    if not files:
+        raise DataError(f"{source}: no volumes ({', '.join(volumes.SUFFIXES)})")
+
+    def load_file(path: Path) -> np.ndarray:
+        return volumes.load_volume(path, normalization=d.normalization, spacing=spacing, min_shape=cube).array
+
+    out = workdir / DISCOVERY_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    cache, paths, skipped = autoencoder.build_cache(files, load_file, d.autoencoder.size, out / "resized.npy")
+    logging.info("discover: %d usable volumes in %s (%d skipped)", len(paths), source, len(skipped))
+
+    @lru_cache(maxsize=2)
+    def load(i: int) -> np.ndarray:
+        return load_file(paths[i])
+
+    splits = split_patients(len(paths), d.val_fraction, d.seed)
+    variables = autoencoder.train_autoencoder(cache, d.autoencoder, out / "autoencoder")
+    embeddings = autoencoder.embed(cache, variables, d.autoencoder.width)
+    del cache
+    np.save(out / ".embeddings.tmp.npy", embeddings)
+    os.replace(out / ".embeddings.tmp.npy", out / "embeddings.npy")
+    _atomic_json(out / "patients.json", {"patients": [str(p) for p in paths], "splits": splits,
+                                         "skipped": [[str(p), why] for p, why in skipped]})
+
+    plan = words.plan_words(embeddings, splits, load, config.model.num_classes, cube, d.words, d.seed)
+    _atomic_json(out / "plan.json", {
+        "references": plan.references.tolist(),
+        "coordinates": plan.coordinates.tolist(),
+        "neighbours": {k: v.tolist() for k, v in plan.neighbours.items()},
+    })
+    store_path = workdir / STORE_DIR
+    with store_lib.StoreWriter(store_path, cube_shape=cube, dtype=d.store.dtype,
+                               records_per_shard=d.store.records_per_shard) as writer:
+        counts = words.extract(plan, paths, load, writer, cube)
+        writer.commit(num_classes=config.model.num_classes,
+                      config={"discovery": json.loads(d.to_json_best_effort()), "cube_shape": list(cube)},
+                      seeds={"discovery": int(d.seed), "autoencoder": int(d.autoencoder.seed)})
+    logging.info("discover: wrote %s: %d classes, %d training + %d validation cubes", store_path,
+                 config.model.num_classes, counts[words.TRAIN], counts[words.VALIDATION])
+    return store_path
