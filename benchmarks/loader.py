@@ -4,19 +4,22 @@ Writes a store of random cubes (default 4,096 cubes of 64x64x32 uint16 = 1 GiB) 
 temporary directory (or reuses --store), then times the training pipeline
 (`loader.train_dataset`: global shuffle, random reads, batching) for several thread counts,
 and the released-layout source (memory-mapped .npy) for comparison. Reads come from the
-page cache after the first epoch unless the store is larger than memory; the first pass
-is reported separately as "cold" (it is only truly cold when the OS cache was dropped).
+page cache ("warm"); with --cold the OS page cache is dropped before each timed run
+(needs root: /proc/sys/vm/drop_caches), so every read goes to the disk, and the timed
+batches stay within the first epoch.
 
 Prints JSON lines {"what", "impl", "shape", "dtype", "device", "cubes_per_s", "threads", ...}.
 
   python benchmarks/loader.py                         # 4,096 cubes, batch 64, threads 1,2,4,8
   python benchmarks/loader.py --cubes 1024 --batches 20 --threads 2
+  sudo python benchmarks/loader.py --cold                # reads from disk
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -47,6 +50,15 @@ def _write_store(path: Path, cubes: int, shape: tuple[int, ...], dtype: str) -> 
         w.commit(num_classes=50)
 
 
+def _drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def _time(ds, batches: int) -> tuple[float, float]:
     it = iter(ds)
     t0 = time.perf_counter()
@@ -67,7 +79,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=60, help="timed batches per configuration")
     p.add_argument("--threads", type=int, nargs="+", default=(1, 2, 4, 8))
     p.add_argument("--store", type=Path, help="an existing store to read instead of a temporary one")
+    p.add_argument("--cold", action="store_true", help="drop the OS page cache before each run (root)")
     args = p.parse_args()
+    if args.cold and not _drop_page_cache():
+        p.error("--cold needs write access to /proc/sys/vm/drop_caches (root)")
 
     tmp = Path(tempfile.mkdtemp(prefix="transvw-loader-bench-"))
     try:
@@ -83,12 +98,17 @@ def main() -> None:
         s = store.open_store(path)
         src = s.source("train")
         common = {"shape": [args.batch, *s.cube_shape], "dtype": s.dtype, "device": _cpu_name()}
+        if args.cold and (args.batches + 1) * args.batch > len(src):
+            p.error(f"--cold: {args.batches + 1} batches of {args.batch} exceed the {len(src)} cubes of one "
+                    "epoch (later reads would come from the cache)")
         for threads in args.threads:
             ds = loader.train_dataset(src, batch_size=args.batch, seed=0, process_index=0, process_count=1,
                                       num_threads=threads)
+            if args.cold:
+                _drop_page_cache()
             first, dt = _time(ds, args.batches)
             print(json.dumps({"what": "loader/train", "impl": "grain+array_record", **common,
-                              "threads": threads,
+                              "cache": "cold" if args.cold else "warm", "threads": threads,
                               "cubes_per_s": round(args.batches * args.batch / dt, 1),
                               "first_batch_s": round(first, 3), "cubes": len(src)}))
 
@@ -106,10 +126,15 @@ def main() -> None:
         for threads in args.threads:
             ds = loader.train_dataset(rel, batch_size=args.batch, seed=0, process_index=0, process_count=1,
                                       num_threads=threads)
-            first, dt = _time(ds, args.batches)
+            if args.cold:
+                _drop_page_cache()
+            timed = min(args.batches, n // args.batch - 1)
+            first, dt = _time(ds, timed)
             print(json.dumps({"what": "loader/train", "impl": "grain+released_npy", "shape": common["shape"],
-                              "dtype": "float32", "device": common["device"], "threads": threads,
-                              "cubes_per_s": round(args.batches * args.batch / dt, 1), "cubes": n}))
+                              "dtype": "float32", "device": common["device"],
+                              "cache": "cold" if args.cold else "warm", "threads": threads,
+                              "cubes_per_s": round(timed * args.batch / dt, 1),
+                              "cubes": n}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -148,3 +148,26 @@ def test_bad_inputs_get_clear_errors(phantoms, tmp_path):
     config.discovery.autoencoder.size = (16, 16, 6)
     with pytest.raises(ConfigError, match="discovery.autoencoder.size"):
         discovery.discover(config, tmp_path / "w3")
+
+
+def test_patients_are_streamed_one_load_per_reference_and_per_patient(tmp_path):
+    """Planning loads each class's reference once; extraction visits each patient once."""
+    rng = np.random.default_rng(0)
+    vols = [rng.random((20, 20, 10), dtype=np.float32) * 0.2 + 0.5 for _ in range(9)]
+    calls = []
+
+    def load(i):
+        calls.append(i)
+        return vols[i]
+
+    cfg = words.default_config()
+    cfg.update(train_instances=4, val_instances=2, border=(1, 1, 1), extra_size=(6, 10), extra_offset=(-1, 1))
+    splits = ["train"] * 6 + ["validation"] * 3
+    plan = words.plan_words(rng.random((9, 5)), splits, load, 5, (8, 8, 4), cfg, seed=0)
+    assert sorted(calls) == sorted(plan.references.tolist())
+    calls.clear()
+    with store.StoreWriter(tmp_path / "s", cube_shape=(8, 8, 4)) as w:
+        counts = words.extract(plan, [f"p{i}" for i in range(9)], load, w, (8, 8, 4))
+        w.commit(num_classes=5)
+    assert calls == sorted(set(calls))  # each patient once, in order
+    assert counts == {"train": 5 * 4 * 3, "validation": 5 * 2}
