@@ -15,13 +15,13 @@ a fresh initialisation with a warning). Run a subset with
 
 import ml_collections
 
-from transvw_jax import discovery, transforms
+from transvw_jax import discovery, parallel, train, transforms
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.stages = ("synthesize", "discover", "export")
+    config.stages = ("synthesize", "discover", "pretrain", "export")
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "ynet3d"  # unet3d (Models Genesis) | ynet3d (TransVW) | encoder_classifier
@@ -33,6 +33,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.cube_shape = (64, 64, 32)  # X, Y, Z; each divisible by 8
+    config.data.source = "store"  # store (written by discover) | released (the TransVW .npy files)
+    config.data.store_dir = ""  # "" = <workdir>/store
+    config.data.released_dir = ""  # folder of train_data{r}_vwGen_ex_ref_fold{k}.0.npy files
+    config.data.released_resolutions = (1, 2, 3)
+    config.data.released_folds = ()  # () = every fold found
+    config.data.num_threads = 2  # parallel reads per process
+    config.data.prefetch = 128  # cubes read ahead
+
+    # Pretraining (REFERENCE.md section 4: Adam 1e-3, batch 64, lambda_cls 0.01, x0.5 every
+    # 40 epochs, patience 50 epochs), scaled down to minutes on a laptop CPU.
+    config.train = train.default_config()
+    config.train.batch_size = 4
+    config.train.steps = 60
+    config.train.log_every = 5
+    config.train.eval_every = 20
+    config.train.checkpoint_every = 20
+    config.train.sample_every = 30
+    config.train.decay_every = 1000
+
+    config.parallel = parallel.default_config()
 
     # The embedded data: procedural chest-CT-like phantoms written to <workdir>/volumes.
     config.synthesize = ml_collections.ConfigDict()
@@ -79,6 +99,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.discovery.words.border = (2, 2, 1)
         config.discovery.words.extra_size = (12, 20)
         config.discovery.words.extra_offset = (-2, 2)
+        config.train.batch_size = 8  # divisible by the 8 simulated devices of the tests
+        config.train.steps = 6
+        config.train.log_every = 2
+        config.train.eval_every = 3
+        config.train.checkpoint_every = 3
+        config.train.sample_every = 3
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; known: runlocal")
     return config

@@ -43,12 +43,13 @@ def save(workdir: str | os.PathLike, step: int, variables: Mapping[str, Any],
 
 
 def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
-                      step: int | None = None) -> tuple[int, dict] | None:
+                      step: int | None = None, best: bool = False) -> tuple[int, dict] | None:
     """Restore the model variables of checkpoint `step` (default: the latest).
 
     Args:
       workdir: the run directory holding `checkpoints/`.
       like: variables (or `jax.eval_shape` structs) of the model the config describes.
+      best: read `<workdir>/best` (the best validation loss) instead of the latest step.
 
     Returns:
       (step, variables), or None when the directory holds no complete checkpoint.
@@ -57,7 +58,7 @@ def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
       CheckpointError naming the first parameter whose shape differs (a checkpoint of
       another architecture, width or class count) or a missing/unreadable item.
     """
-    directory = checkpoint_dir(workdir)
+    directory = best_dir(workdir) if best else checkpoint_dir(workdir)
     if not directory.is_dir():
         return None
     with _manager(directory) as mngr:
@@ -92,3 +93,84 @@ def _check_shapes(where: Path, stored: Any, like: Mapping[str, Any]) -> None:
     extra = sorted(set(have) - set(want))
     if extra:
         raise CheckpointError(f"{where}: checkpoint has {extra[0]}, which the configured model lacks")
+
+
+# --- the full training state ----------------------------------------------------------------
+
+TRAIN_STATE = "train_state"
+DATA_STATE = "data"
+
+
+def best_dir(workdir: str | os.PathLike) -> Path:
+    """The best checkpoint by validation loss (variables only): `<workdir>/best`."""
+    return Path(workdir).absolute() / "best"
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class RunCheckpointer:
+    """Checkpoints of a training run: keep the last N complete states, plus the best.
+
+    `<workdir>/checkpoints/<step>/` holds `variables` (params, batch_stats: what export and
+    fine-tuning read), `train_state` (optimiser state, step, RNG) and `data` (the Grain
+    iterator state, JSON); together they resume a run exactly. Saves are asynchronous
+    (training continues while the arrays are written); Orbax writes each step under a
+    temporary name and renames it when complete, so a kill mid-save leaves the previous
+    step as the latest. `<workdir>/best/<step>/` keeps the variables of the best
+    validation loss (one step).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3):
+        handlers = {VARIABLES: ocp.StandardCheckpointHandler(), TRAIN_STATE: ocp.StandardCheckpointHandler(),
+                    DATA_STATE: ocp.JsonCheckpointHandler()}
+        self._latest = ocp.CheckpointManager(
+            checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers=handlers)
+        self._best = ocp.CheckpointManager(
+            best_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            item_handlers={VARIABLES: ocp.StandardCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    def save(self, step: int, variables: Mapping[str, Any], train_state: Mapping[str, Any],
+             data_state: Mapping[str, Any]) -> None:
+        self._latest.save(step, args=ocp.args.Composite(**{
+            VARIABLES: ocp.args.StandardSave(dict(variables)),
+            TRAIN_STATE: ocp.args.StandardSave(dict(train_state)),
+            DATA_STATE: ocp.args.JsonSave(dict(data_state)),
+        }))
+
+    def save_best(self, step: int, variables: Mapping[str, Any]) -> None:
+        self._best.save(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(dict(variables))}),
+                        force=True)
+
+    def best_step(self) -> int | None:
+        return self._best.latest_step()
+
+    def restore(self, step: int, variables_like: Mapping[str, Any],
+                train_state_like: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+        """(variables, train_state, data_state) of `step`, placed like the given trees."""
+        where = Path(self._latest.directory) / str(step)
+        try:
+            stored = self._latest.item_metadata(step)[VARIABLES]
+        except Exception as e:  # noqa: BLE001 - Orbax raises various types
+            raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
+        _check_shapes(where, getattr(stored, "tree", stored), variables_like)
+        restored = self._latest.restore(step, args=ocp.args.Composite(**{
+            VARIABLES: ocp.args.StandardRestore(_abstract(dict(variables_like))),
+            TRAIN_STATE: ocp.args.StandardRestore(_abstract(dict(train_state_like))),
+            DATA_STATE: ocp.args.JsonRestore(),
+        }))
+        return dict(restored[VARIABLES]), dict(restored[TRAIN_STATE]), dict(restored[DATA_STATE])
+
+    def wait(self) -> None:
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()

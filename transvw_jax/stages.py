@@ -16,12 +16,27 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from transvw_jax import checkpointing, discovery, export, transforms
+from transvw_jax import checkpointing, discovery, export, parallel, train, transforms
 from transvw_jax.data import synthetic
 from transvw_jax.errors import ConfigError
 from transvw_jax.models import abstract_variables, build_model, init_variables
 
 EXPORT_FORMATS = ("pt", "safetensors")
+
+
+def _on_process_zero(stage: Callable[[ml_collections.ConfigDict, Path], None]):
+    """Host-side stages run once per job: process 0 works, the others wait for it."""
+
+    def run_once(config: ml_collections.ConfigDict, workdir: Path) -> None:
+        if jax.process_index() == 0:
+            stage(config, workdir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"stage {stage.__name__}")
+
+    run_once.__doc__ = stage.__doc__
+    return run_once
 
 
 def synthesize_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -38,12 +53,32 @@ def discover_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     discovery.discover(config, workdir)
 
 
+def pretrain_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Pretrain on the store in the workdir (or `config.data`), resuming from the latest checkpoint."""
+    summary = train.train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+        report = {"step": summary.step, "stopped_early": summary.stopped_early,
+                  "last_train": summary.last_train, "best_eval": summary.best_eval,
+                  "best_step": summary.best_step}
+        _atomic_json(workdir / "pretrain_summary.json", report)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write `<workdir>/export/transvw.{pt,safetensors}` from the latest checkpoint."""
     model = build_model(config.model)
     key = jax.random.key(config.seed)
     like = abstract_variables(model)
-    restored = checkpointing.restore_variables(workdir, like)
+    restored = checkpointing.restore_variables(workdir, like, best=True)
+    if restored is not None:
+        logging.info("exporting the best checkpoint by validation loss (step %d)", restored[0])
+    else:
+        restored = checkpointing.restore_variables(workdir, like)
     if restored is None:
         logging.warning("no checkpoint in %s: exporting a fresh initialisation (seed %d)",
                         checkpointing.checkpoint_dir(workdir), config.seed)
@@ -76,9 +111,10 @@ def _torch_available() -> bool:
 
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], None]] = {
-    "synthesize": synthesize_stage,
-    "discover": discover_stage,
-    "export": export_stage,
+    "synthesize": _on_process_zero(synthesize_stage),
+    "discover": _on_process_zero(discover_stage),
+    "pretrain": pretrain_stage,
+    "export": _on_process_zero(export_stage),
 }
 
 
@@ -110,6 +146,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if s.count < 1 or len(s.shape) != 3 or any(n < 8 for n in s.shape):
             raise ConfigError(f"synthesize: count must be >= 1 and shape 3 sizes >= 8, got {s.count}, "
                               f"{tuple(s.shape)}")
+    if "pretrain" in stages:
+        if config.get("train") is None:
+            raise ConfigError("stage pretrain needs a config.train section")
+        train.validate_config(config)
     if "discover" in stages:
         if config.get("discovery") is None:
             raise ConfigError("stage discover needs a config.discovery section")
@@ -131,10 +171,42 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> Path:
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Validate `config`, save it into `workdir`, then run its stages in order."""
     validate(config)
+    if "parallel" in config:
+        parallel.initialize(config.parallel)  # before any stage touches a device
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    if jax.process_index() == 0:
+        save_config(config, workdir)
     stages = (config.stages,) if isinstance(config.stages, str) else tuple(config.stages)
     for i, name in enumerate(stages, 1):
         logging.info("stage %d/%d: %s", i, len(stages), name)
         STAGES[name](config, workdir)
+    log_summary(workdir)
+
+
+def log_summary(workdir: Path) -> None:
+    """What the run left behind: the store, the weights, the final losses."""
+    if jax.process_index() != 0:
+        return
+    lines = []
+    manifest = workdir / "store" / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        n_train, n_val = (m["splits"][s]["num_cubes"] for s in ("train", "validation"))
+        lines.append(f"visual-word store: {workdir / 'store'} ({m['num_classes']} classes, "
+                     f"{n_train} training + {n_val} validation cubes)")
+    report = workdir / "pretrain_summary.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        last = " ".join(f"{k} {v:.4g}" for k, v in r["last_train"].items())
+        lines.append(f"pretraining: {r['step']} steps{' (stopped early)' if r['stopped_early'] else ''}; "
+                     f"last train {last}")
+        if r["best_eval"]:
+            best = " ".join(f"{k} {v:.4g}" for k, v in r["best_eval"].items() if not k.startswith("rec_"))
+            lines.append(f"best validation (step {r['best_step']}): {best}; weights in "
+                         f"{checkpointing.best_dir(workdir)}")
+    exports = sorted((workdir / "export").glob("transvw.*")) if (workdir / "export").is_dir() else []
+    if exports:
+        lines.append("exported: " + ", ".join(str(p) for p in exports))
+    if lines:
+        logging.info("summary:\n  %s", "\n  ".join(lines))

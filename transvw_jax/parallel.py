@@ -1,0 +1,151 @@
+"""Devices, mesh and shardings: the one place that knows how work is spread.
+
+- A 2D mesh ("data", "fsdp") over every device of every process. The batch is split over
+  both axes (all devices do data parallelism); with fsdp > 1, large parameters and their
+  optimiser state are also split along "fsdp" (each device keeps 1/fsdp of them, XLA
+  gathers them for the convolutions), which is what lets a wide model fit. fsdp = 1 (the
+  default) replicates the state: right for the 19-33M-parameter reference networks.
+- Per-process host batches become one global `jax.Array` with
+  `jax.make_array_from_process_local_data`: process p contributes its rows, in process
+  order, so the global batch is the same whichever way it is split.
+- `initialize` joins the processes of a multi-host job with `jax.distributed`, from the
+  environment (TPU pods, SLURM: JAX detects both) or from explicit settings (coordinator
+  address, process count and id: any launcher, and the tests' local processes). It must
+  run before anything touches a JAX backend; `stages.run` calls it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from transvw_jax.errors import ConfigError
+
+DATA, FSDP = "data", "fsdp"
+DISTRIBUTED_MODES = ("auto", "off", "explicit")
+# Parameters smaller than this stay replicated under fsdp: sharding them saves little
+# memory and costs a collective each.
+FSDP_MIN_SIZE = 1 << 16
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.fsdp = 1  # devices per parameter shard; 1 = replicate the state (pure data parallel)
+    # auto: join a multi-process job when the environment describes one (TPU pod, SLURM,
+    # JAX_COORDINATOR_ADDRESS); off: single process; explicit: the three values below.
+    c.distributed = "auto"
+    c.coordinator_address = ""  # host:port of process 0
+    c.num_processes = 1
+    c.process_id = 0
+    return c
+
+
+def _cluster_in_environment() -> bool:
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return True
+    return bool(env.get("TPU_WORKER_HOSTNAMES") and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def initialize(cfg: ml_collections.ConfigDict) -> bool:
+    """Join the multi-process job described by `cfg` (config.parallel); True if joined."""
+    if cfg.distributed not in DISTRIBUTED_MODES:
+        raise ConfigError(
+            f"parallel.distributed: {cfg.distributed!r} is not one of {', '.join(DISTRIBUTED_MODES)}"
+        )
+    if cfg.distributed == "off" or jax.distributed.is_initialized():
+        return jax.distributed.is_initialized()
+    if cfg.distributed == "explicit":
+        if (
+            not cfg.coordinator_address
+            or cfg.num_processes < 1
+            or not 0 <= cfg.process_id < cfg.num_processes
+        ):
+            raise ConfigError(
+                "parallel.distributed='explicit' needs parallel.coordinator_address (host:port), "
+                "parallel.num_processes >= 1 and 0 <= parallel.process_id < num_processes"
+            )
+        _cpu_collectives()
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    elif _cluster_in_environment():
+        _cpu_collectives()
+        jax.distributed.initialize()
+    else:
+        return False
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
+
+
+def _cpu_collectives() -> None:
+    """CPU-only jobs (tests, laptops) need a cross-process collective library: gloo."""
+    platforms = os.environ.get("JAX_PLATFORMS", "") or jax.config.jax_platforms or ""
+    if platforms.split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ConfigError(f"parallel.fsdp={fsdp} must divide the device count ({len(devices)})")
+    grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, (DATA, FSDP))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every device of the mesh."""
+    return NamedSharding(mesh, P((DATA, FSDP)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _param_spec(shape: Sequence[int], fsdp: int) -> P:
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+        return P()
+    # Shard the largest axis that divides evenly (for a conv kernel: usually channels).
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[axis] = FSDP
+            return P(*spec)
+    return P()
+
+
+def state_shardings(mesh: Mesh, state: Any) -> Any:
+    """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs): fsdp or replicated."""
+    fsdp = mesh.shape[FSDP]
+    return jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(np.shape(x), fsdp)), state)
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over the mesh (rows ordered by process)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def local_batch_size(global_size: int) -> int:
+    """Rows each process loads for a global batch of `global_size`."""
+    count = jax.process_count()
+    if global_size % count or global_size % jax.device_count():
+        raise ConfigError(
+            f"train.batch_size={global_size} must be divisible by the device count "
+            f"({jax.device_count()} devices in {count} processes)"
+        )
+    return global_size // count

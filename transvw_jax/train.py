@@ -1,0 +1,518 @@
+"""Pretraining: objectives, optimisers, the jit train/eval steps and the training loop.
+
+One train step = one `jax.jit` program: the raw cube batch (compact dtype, sharded over
+the mesh) is decoded, each cube is transformed on the device with its own key (the
+policy of `config.transforms`), the network restores it (and, for TransVW, classifies
+it), and the optimiser updates; the old state is donated. Keys are
+`fold_in(fold_in(key(seed), step), cube index in the global batch)`: a function of the
+step and of the cube's position only, so results do not depend on how many devices or
+processes share the batch, nor on restarts.
+
+Objectives:
+- transvw: lambda_rec * MSE(restoration, target) + lambda_cls * cross-entropy(logits,
+  visual-word class), on YNet3D; cross-entropy from log_softmax of the logits (the
+  reference's log(softmax) is not finite at 0).
+- genesis: MSE only (Models Genesis), on UNet3D; the store's labels are ignored.
+
+State: `{"params", "batch_stats"}` (the variables) and `{"opt_state", "step", "rng"}`,
+float32 master weights whatever `model.dtype` computes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from transvw_jax import checkpointing, metrics, parallel
+from transvw_jax import transforms as T
+from transvw_jax.data import loader, store
+from transvw_jax.errors import ConfigError, TransVWError
+from transvw_jax.models import abstract_variables, build_model, init_variables
+
+OBJECTIVES = {"transvw": "ynet3d", "genesis": "unet3d"}
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "step", "cosine")
+NUM_TRANSFORMS = len(T.TRANSFORM_NAMES)
+
+
+class TrainingDiverged(TransVWError):
+    """The loss became NaN or Inf."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.objective = "transvw"  # transvw (YNet3D, restoration + visual words) | genesis (UNet3D)
+    c.batch_size = 64  # global: split over processes and devices
+    c.steps = 10_000
+    c.optimizer = "adam"  # adam | sgd (momentum below)
+    c.learning_rate = 1e-3
+    c.momentum = 0.9
+    c.schedule = "step"  # constant | step (x decay_factor every decay_every steps) | cosine
+    c.decay_every = 4000  # steps (the reference: every 40 epochs)
+    c.decay_factor = 0.5
+    c.warmup_steps = 0  # linear warmup (cosine and step)
+    c.grad_clip_norm = 0.0  # 0 = off
+    c.lambda_rec = 1.0
+    c.lambda_cls = 0.01
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_batches = 0  # 0 = the whole validation split
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.sample_every = 1000  # PNG of input / target / restoration; 0 = never
+    c.patience = 10  # evaluations without a better validation loss before stopping; 0 = never
+    c.seed = 0
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    t = config.train
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective: {t.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if config.model.name != OBJECTIVES[t.objective]:
+        raise ConfigError(
+            f"train.objective={t.objective!r} trains model.name={OBJECTIVES[t.objective]!r}, "
+            f"the config has {config.model.name!r}"
+        )
+    if (
+        t.objective == "transvw"
+        and config.transforms.policy != "transvw"
+        or (t.objective == "genesis" and config.transforms.policy != "genesis")
+    ):
+        logging.warning("train.objective=%s with transforms.policy=%s", t.objective, config.transforms.policy)
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer: {t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule: {t.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    for key in (
+        "batch_size",
+        "steps",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "decay_every",
+    ):
+        if int(t[key]) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
+    if not t.learning_rate > 0:
+        raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if t.lambda_rec < 0 or t.lambda_cls < 0:
+        raise ConfigError("train.lambda_rec and train.lambda_cls must be >= 0")
+    if config.data.source not in ("store", "released"):
+        raise ConfigError(f"data.source: {config.data.source!r} is not 'store' or 'released'")
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+    if t.schedule == "constant":
+        main = optax.constant_schedule(t.learning_rate)
+    elif t.schedule == "step":
+        main = optax.exponential_decay(t.learning_rate, t.decay_every, t.decay_factor, staircase=True)
+    else:
+        main = optax.cosine_decay_schedule(t.learning_rate, max(1, t.steps - t.warmup_steps))
+    if t.warmup_steps:
+        warm = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+        return optax.join_schedules([warm, main], [t.warmup_steps])
+    return main
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    schedule = make_schedule(t)
+    opt = optax.adam(schedule) if t.optimizer == "adam" else optax.sgd(schedule, momentum=t.momentum or None)
+    if t.grad_clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), opt)
+    return opt
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The compiled pieces of a run (built once per model / config / mesh)."""
+
+    train: Any  # (variables, train_state, batch) -> (variables, train_state, metrics)
+    eval: Any  # (variables, batch, key) -> sums
+    samples: Any  # (variables, batch, key) -> (input, target, restoration, transform)
+
+
+def transform_membership(objective: str, tid: jax.Array) -> jax.Array:
+    """(B, 5) bool: which transforms each cube went through (TransVW: one id; Genesis: bits)."""
+    if objective == "genesis":
+        return (tid[:, None] >> jnp.arange(NUM_TRANSFORMS)) & 1 == 1
+    return jax.nn.one_hot(tid, NUM_TRANSFORMS, dtype=jnp.bool_)
+
+
+def _cube_keys(rng: jax.Array, step: jax.Array, batch: int) -> jax.Array:
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def _forward(model, objective, variables, x, train):
+    """(restoration (B,X,Y,Z), logits or None, new batch_stats or None)."""
+    x = x[..., None]
+    if train:
+        out, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        stats = upd["batch_stats"]
+    else:
+        out, stats = model.apply(variables, x, train=False), None
+    if objective == "transvw":
+        restoration, logits = out
+    else:
+        restoration, logits = out, None
+    return restoration[..., 0], logits, stats
+
+
+def _loss_parts(restoration, logits, target, labels):
+    mse = jnp.mean((restoration - target.astype(jnp.float32)) ** 2, axis=(1, 2, 3))
+    if logits is None:
+        return mse, jnp.zeros_like(mse), jnp.zeros_like(mse)
+    logp = jax.nn.log_softmax(logits)
+    ce = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+    correct = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
+    return mse, ce, correct
+
+
+def build_steps(
+    model, tx, config: ml_collections.ConfigDict, mesh, variables_sharding, train_state_sharding
+) -> Steps:
+    t, tcfg = config.train, config.transforms
+    objective = t.objective
+    batch_sh = parallel.batch_sharding(mesh)
+    rep = parallel.replicated(mesh)
+
+    def augment(keys, cube):
+        x = store.decode_cubes(cube)
+        return T.batch_policy(keys, x, tcfg)
+
+    def train_step(variables, state, batch):
+        keys = _cube_keys(state["rng"], state["step"], batch["cube"].shape[0])
+        inp, target, tid = augment(keys, batch["cube"])
+        inp = jax.lax.with_sharding_constraint(inp, batch_sh)
+
+        def loss_fn(params):
+            v = {"params": params, "batch_stats": variables["batch_stats"]}
+            restoration, logits, stats = _forward(model, objective, v, inp, True)
+            mse, ce, correct = _loss_parts(restoration, logits, target, batch["label"])
+            loss = t.lambda_rec * mse.mean() + (t.lambda_cls * ce.mean() if objective == "transvw" else 0.0)
+            return loss, (stats, mse.mean(), ce.mean(), correct.mean())
+
+        (loss, (stats, rec, cls, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], variables["params"])
+        params = optax.apply_updates(variables["params"], updates)
+        new_state = {"opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        out = {"loss": loss, "rec": rec}
+        if objective == "transvw":
+            out.update(cls=cls, acc=acc)
+        out["grad_norm"] = optax.global_norm(grads)
+        return {"params": params, "batch_stats": stats}, new_state, out
+
+    def eval_sums(variables, batch, rng):
+        keys = _cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
+        inp, target, tid = augment(keys, batch["cube"])
+        restoration, logits, _ = _forward(model, objective, variables, inp, False)
+        mse, ce, correct = _loss_parts(restoration, logits, target, batch["label"])
+        mask = batch["mask"].astype(jnp.float32)
+        member = transform_membership(objective, tid).astype(jnp.float32) * mask[:, None]
+        return {
+            "count": mask.sum(),
+            "rec": (mse * mask).sum(),
+            "cls": (ce * mask).sum(),
+            "correct": (correct * mask).sum(),
+            "per_transform_rec": (member * mse[:, None]).sum(0),
+            "per_transform_count": member.sum(0),
+        }
+
+    def samples(variables, batch, rng):
+        keys = _cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
+        inp, target, tid = augment(keys, batch["cube"])
+        restoration, _, _ = _forward(model, objective, variables, inp, False)
+        return inp, target, restoration, tid
+
+    metric_names = (
+        ("loss", "rec", "cls", "acc", "grad_norm") if objective == "transvw" else ("loss", "rec", "grad_norm")
+    )
+    train = jax.jit(
+        train_step,
+        donate_argnums=(0, 1),
+        in_shardings=(variables_sharding, train_state_sharding, batch_sh),
+        out_shardings=(variables_sharding, train_state_sharding, {k: rep for k in metric_names}),
+    )
+    eval_ = jax.jit(eval_sums, in_shardings=(variables_sharding, batch_sh, rep), out_shardings=rep)
+    samples_ = jax.jit(samples, in_shardings=(variables_sharding, batch_sh, rep), out_shardings=rep)
+    return Steps(train=train, eval=eval_, samples=samples_)
+
+
+def init_train_state(tx, variables, seed: int) -> dict:
+    return {
+        "opt_state": tx.init(variables["params"]),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def open_sources(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Any, Any, int]:
+    """(train source, validation source, number of classes) from `config.data`."""
+    d = config.data
+    if d.source == "store":
+        path = Path(d.store_dir) if d.store_dir else workdir / "store"
+        s = store.open_store(path)
+        if tuple(s.cube_shape) != tuple(d.cube_shape):
+            raise ConfigError(
+                f"data.cube_shape={tuple(d.cube_shape)} but the store {path} holds "
+                f"{tuple(s.cube_shape)} cubes"
+            )
+        return s.source("train"), s.source("validation"), s.num_classes
+    train = store.ReleasedSource(
+        d.released_dir,
+        split="train",
+        resolutions=tuple(d.released_resolutions),
+        folds=tuple(d.released_folds) or None,
+    )
+    val = store.ReleasedSource(
+        d.released_dir, split="validation", resolutions=(1,), folds=tuple(d.released_folds) or None
+    )
+    if tuple(train.cube_shape) != tuple(d.cube_shape):
+        raise ConfigError(
+            f"data.cube_shape={tuple(d.cube_shape)} but {d.released_dir} holds "
+            f"{tuple(train.cube_shape)} cubes"
+        )
+    return train, val, max(train.num_classes, val.num_classes)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _finite_or_raise(history: list[tuple[int, dict]], last_good: int | None, workdir: Path) -> None:
+    for step, values in history:
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            where = (
+                f"the last good checkpoint is step {last_good} in {checkpointing.checkpoint_dir(workdir)}"
+                if last_good is not None
+                else "no checkpoint was written"
+            )
+            parts = ", ".join(f"{k} {v}" for k, v in bad.items())
+            raise TrainingDiverged(f"step {step}: training diverged ({parts}); stopping, {where}")
+
+
+def _evaluate(steps: Steps, variables, val_source, config, mesh, rng) -> dict[str, float]:
+    t = config.train
+    local = parallel.local_batch_size(t.batch_size)
+    ds = loader.eval_dataset(val_source, batch_size=local, num_threads=config.data.num_threads)
+    sharding = parallel.batch_sharding(mesh)
+    totals = None
+    for i, batch in enumerate(ds):
+        if t.eval_batches and i >= t.eval_batches:
+            break
+        sums = steps.eval(variables, parallel.global_batch(batch, sharding), rng)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    n = max(float(totals["count"]), 1.0)
+    out = {"rec": float(totals["rec"]) / n}
+    if t.objective == "transvw":
+        out["cls"] = float(totals["cls"]) / n
+        out["acc"] = float(totals["correct"]) / n
+        out["loss"] = t.lambda_rec * out["rec"] + t.lambda_cls * out["cls"]
+    else:
+        out["loss"] = out["rec"]
+    for name, s, c in zip(
+        T.TRANSFORM_NAMES, totals["per_transform_rec"], totals["per_transform_count"], strict=True
+    ):
+        if c > 0:
+            out[f"rec_{name}"] = float(s) / float(c)
+    return out
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run ended with (logged by the stage, returned to callers and tests)."""
+
+    step: int
+    stopped_early: bool
+    last_train: dict[str, float]
+    best_eval: dict[str, float] | None
+    best_step: int | None
+    checkpoint_dir: Path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Summary:
+    """Pretrain per `config` in `workdir`, resuming from the latest checkpoint there."""
+    workdir = Path(workdir)
+    validate_config(config)
+    t = config.train
+    train_src, val_src, num_classes = open_sources(config, workdir)
+    if t.objective == "transvw" and config.model.num_classes != num_classes:
+        raise ConfigError(
+            f"model.num_classes={config.model.num_classes} but the data has {num_classes} "
+            f"visual-word classes: set --config.model.num_classes={num_classes}"
+        )
+    model = build_model(config.model)
+    tx = make_optimizer(t)
+    mesh = parallel.make_mesh(config.parallel.fsdp)
+    local = parallel.local_batch_size(t.batch_size)
+
+    abstract_vars = abstract_variables(model)
+    var_sh = parallel.state_shardings(mesh, abstract_vars)
+    abstract_state = jax.eval_shape(lambda v: init_train_state(tx, v, t.seed), abstract_vars)
+    state_sh = parallel.state_shardings(mesh, abstract_state)
+    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
+
+    ckpt = checkpointing.RunCheckpointer(workdir, keep=t.keep_checkpoints)
+    start = ckpt.latest_step()
+    dataset = loader.train_dataset(
+        train_src,
+        batch_size=local,
+        seed=t.seed,
+        num_threads=config.data.num_threads,
+        prefetch=config.data.prefetch,
+    )
+    iterator = iter(dataset)
+    is_main = jax.process_index() == 0
+    writer = metrics.MetricsWriter(workdir, enabled=is_main)
+    best_eval, best_step, evals_since_best = None, ckpt.best_step(), 0
+    if start is None:
+        # The same values as `init_variables` everywhere (its compile options apply only to a
+        # top-level jit); the reference-size networks fit on one device before being placed.
+        variables = jax.device_put(init_variables(model, jax.random.key(t.seed)), var_sh)
+        state = jax.jit(lambda v: init_train_state(tx, v, t.seed), out_shardings=state_sh)(variables)
+        start = 0
+    else:
+        like_vars = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_vars, var_sh
+        )
+        like_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
+        )
+        variables, state, data_state = ckpt.restore(start, like_vars, like_state)
+        iterator.set_state(data_state["iterator"])
+        best_eval = data_state.get("best_eval")
+        evals_since_best = int(data_state.get("evals_since_best", 0))
+        writer.truncate_after(start)
+        logging.info("pretrain: resumed from %s/%d", checkpointing.checkpoint_dir(workdir), start)
+
+    steps = build_steps(model, tx, config, mesh, var_sh, state_sh)
+    sharding = parallel.batch_sharding(mesh)
+    eval_rng = jax.random.key_data(jax.random.key(t.seed + 1))
+    progress = metrics.ProgressLine(t.steps, t.batch_size, start_step=start)
+    pending: list[tuple[int, dict]] = []
+    last_good = start if start else None
+    last_train: dict[str, float] = {}
+    stopped_early = False
+    sample_batch = None
+
+    def flush_pending() -> None:
+        nonlocal pending, last_train
+        order = ("loss", "rec", "cls", "acc", "grad_norm")
+        fetched = [(s, {k: float(jax.device_get(m[k])) for k in order if k in m}) for s, m in pending]
+        pending = []
+        _finite_or_raise(fetched, last_good, workdir)
+        if fetched:
+            last_train = fetched[-1][1]
+
+    step = start
+    try:
+        while step < t.steps:
+            local_batch = next(iterator)
+            batch = parallel.global_batch(local_batch, sharding)
+            variables, state, m = steps.train(variables, state, batch)
+            step += 1
+            pending.append((step, m))
+            if step % t.log_every == 0 or step == t.steps:
+                flush_pending()
+                progress.update(step, last_train)
+                writer.write(step, "train", last_train)
+            if t.sample_every and (step % t.sample_every == 0 or step == t.steps):
+                # every process runs the (sharded) computation; process 0 writes the PNG
+                sample_batch = sample_batch or _first_val_batch(val_src, local, config)
+                _write_samples(
+                    steps,
+                    variables,
+                    sample_batch,
+                    sharding,
+                    eval_rng,
+                    workdir,
+                    step,
+                    t.objective,
+                    write=is_main,
+                )
+            if step % t.eval_every == 0 or step == t.steps:
+                flush_pending()
+                ev = _evaluate(steps, variables, val_src, config, mesh, eval_rng)
+                writer.write(step, "eval", ev)
+                logging.info("eval step %d: %s", step, " ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                if best_eval is None or ev["loss"] < best_eval["loss"]:
+                    best_eval, best_step, evals_since_best = ev, step, 0
+                    ckpt.save_best(step, variables)
+                else:
+                    evals_since_best += 1
+                if t.patience and evals_since_best >= t.patience:
+                    logging.info(
+                        "pretrain: no better validation loss in %d evaluations: stopping at step %d",
+                        evals_since_best,
+                        step,
+                    )
+                    stopped_early = True
+            if step % t.checkpoint_every == 0 or step == t.steps or stopped_early:
+                flush_pending()
+                ckpt.save(
+                    step,
+                    variables,
+                    state,
+                    {
+                        "iterator": iterator.get_state(),
+                        "best_eval": best_eval,
+                        "evals_since_best": evals_since_best,
+                    },
+                )
+                last_good = step
+            if stopped_early:
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return Summary(
+        step=step,
+        stopped_early=stopped_early,
+        last_train=last_train,
+        best_eval=best_eval,
+        best_step=best_step,
+        checkpoint_dir=checkpointing.checkpoint_dir(workdir),
+    )
+
+
+def _first_val_batch(val_src, local: int, config) -> dict[str, np.ndarray]:
+    return next(iter(loader.eval_dataset(val_src, batch_size=local, num_threads=config.data.num_threads)))
+
+
+def _write_samples(
+    steps: Steps, variables, local_batch, sharding, rng, workdir: Path, step: int, objective: str, write: bool
+) -> None:
+    inp, target, restoration, tid = jax.device_get(
+        steps.samples(variables, parallel.global_batch(local_batch, sharding), rng)
+    )
+    if not write:
+        return
+    member = np.asarray(jax.device_get(transform_membership(objective, jnp.asarray(tid))))
+    names = [
+        "+".join(n for n, m in zip(T.TRANSFORM_NAMES, row, strict=True) if m) or "none" for row in member
+    ]
+    metrics.save_sample_grid(
+        metrics.sample_path(workdir, step), inp, target, restoration, transform_names=names
+    )
