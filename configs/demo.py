@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.released_resolutions = (1, 2, 3)
     config.data.released_folds = ()  # () = every fold found
     config.data.num_threads = 2  # parallel reads per process
-    config.data.prefetch = 128  # cubes read ahead
+    config.data.prefetch = 4  # batches read ahead per process
 
     # Pretraining (REFERENCE.md section 4: Adam 1e-3, batch 64, lambda_cls 0.01, x0.5 every
     # 40 epochs, patience 50 epochs), scaled down to minutes on a laptop CPU.

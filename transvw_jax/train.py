@@ -216,7 +216,7 @@ def build_steps(
         out = {"loss": loss, "rec": rec}
         if objective == "transvw":
             out.update(cls=cls, acc=acc)
-        out["grad_norm"] = optax.global_norm(grads)
+        out["grad_norm"] = optax.tree.norm(grads)
         return {"params": params, "batch_stats": stats}, new_state, out
 
     def eval_sums(variables, batch, rng):
@@ -349,6 +349,7 @@ class Summary:
     best_eval: dict[str, float] | None
     best_step: int | None
     checkpoint_dir: Path
+    variables: Any = None  # the final {"params", "batch_stats"} (sharded jax arrays)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Summary:
@@ -494,6 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         best_eval=best_eval,
         best_step=best_step,
         checkpoint_dir=checkpointing.checkpoint_dir(workdir),
+        variables=variables,
     )
 
 

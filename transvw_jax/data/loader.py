@@ -29,7 +29,7 @@ import numpy as np
 # than cores only add contention when the store is in the page cache (benchmarks/loader.py:
 # 8.6k cubes/s with 2 threads vs 3.7k with 8 on 2 cores).
 DEFAULT_THREADS = min(8, os.cpu_count() or 1)
-DEFAULT_PREFETCH = 256
+DEFAULT_PREFETCH = 8  # batches read ahead (Grain counts elements after batching)
 
 
 def _process_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -68,7 +68,7 @@ def train_dataset(source: Any, *, batch_size: int, seed: int, num_epochs: int | 
       seed: shuffle seed, the same on every process.
       num_epochs: None repeats forever (the train loop counts steps).
       process_index, process_count: default to `jax.process_index()` / `jax.process_count()`.
-      num_threads, prefetch: parallel reads and the read-ahead buffer, in elements.
+      num_threads, prefetch: parallel reads, and the read-ahead buffer in batches.
     """
     index, count = _process_shard(process_index, process_count)
     if len(source) < count:

@@ -1,0 +1,58 @@
+"""Models Genesis on real LUNA16 chest CT: restoration only, on the plain 3D U-Net.
+
+Run:
+  python -m transvw_jax.main --config configs/luna16_genesis.py --workdir runs/luna16_genesis \\
+      --config.discovery.volumes_dir=/path/to/luna16_all
+
+Same data path as configs/luna16_transvw.py (see its docstring for the one-folder LUNA16
+layout and the epoch -> step conversion): `discover` writes the visual-word store and
+pretraining reads its cubes, ignoring their labels. Models Genesis itself samples random
+cubes; drawing them from the store instead keeps the two methods on the same cubes, which
+is what a comparison needs. A store already written by a TransVW run can be reused
+without discovering again:
+  --config.stages="('pretrain', 'export')" --config.data.store_dir=runs/luna16_transvw/store
+
+Differences from the TransVW config: model unet3d (no visual-word head), objective
+genesis (MSE only), the Models Genesis transform policy (flip, local shuffle of 10,000
+blocks, non-linear, in-/out-painting composed; no elastic deformation).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from transvw_jax import transforms
+
+
+def _luna16_transvw():
+    path = Path(__file__).resolve().with_name("luna16_transvw.py")
+    spec = importlib.util.spec_from_file_location("_transvw_configs_luna16_transvw", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg:
+        raise ValueError(f"unknown config argument {arg!r}; this config takes none")
+    config = _luna16_transvw().get_config()
+    config.stages = ("discover", "pretrain", "export")
+
+    config.model.name = "unet3d"  # Models Genesis: the U-Net alone (19.1M parameters at width 32)
+    # unet3d has no head: num_classes (44, from the TransVW config) only sets how many
+    # visual-word classes discovery extracts, i.e. how many cubes the store holds.
+
+    config.train.objective = "genesis"  # MSE restoration loss; the store's labels are ignored
+    # Adam 1e-3 rather than the original Models Genesis default, SGD with lr = 1, which users
+    # report collapsing to a constant output (REFERENCE.md section 6). To try the original
+    # anyway: --config.train.optimizer=sgd --config.train.learning_rate=1.0
+    config.train.optimizer = "adam"
+    config.train.learning_rate = 1e-3
+    config.train.lambda_cls = 0.0  # no classification term (the objective has none anyway)
+    # batch 64, step decay x0.5 every 40 epochs, patience 50 epochs: as the TransVW config,
+    # so that the two pretrainings compare at equal settings.
+
+    config.transforms = transforms.default_config("genesis")
+    config.export.head = False  # a UNet3D state_dict (106 keys)
+    return config

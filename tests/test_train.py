@@ -1,0 +1,185 @@
+"""Pretraining: sharding invariance, exact resume after SIGKILL, divergence, multi-process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict
+
+from transvw_jax import checkpointing, parallel, train
+from transvw_jax.data import store
+from transvw_jax.models import abstract_variables, build_model, init_variables
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import demo  # noqa: E402
+
+SHAPE = (16, 16, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    """40 training + 12 validation smooth random cubes in 4 classes."""
+    path = tmp_path_factory.mktemp("data") / "store"
+    rng = np.random.default_rng(0)
+    with store.StoreWriter(path, cube_shape=SHAPE) as w:
+        for i in range(52):
+            base = rng.random((4, 4, 2), dtype=np.float32)
+            cube = np.kron(base, np.ones((4, 4, 4), np.float32))
+            w.add("train" if i < 40 else "validation", cube, i % 4)
+        w.commit(num_classes=4)
+    return path
+
+
+def tiny_config(store_path, **train_overrides):
+    config = demo.get_config("runlocal")
+    config.stages = ("pretrain",)
+    config.model.num_classes = 4
+    config.data.store_dir = str(store_path)
+    config.train.update(sample_every=0, **train_overrides)
+    return config
+
+
+def _run_steps(config, mesh, batches):
+    model = build_model(config.model)
+    tx = train.make_optimizer(config.train)
+    abstract = abstract_variables(model)
+    var_sh = parallel.state_shardings(mesh, abstract)
+    state_sh = parallel.state_shardings(
+        mesh, jax.eval_shape(lambda v: train.init_train_state(tx, v, 0), abstract))
+    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
+    steps = train.build_steps(model, tx, config, mesh, var_sh, state_sh)
+    variables = jax.device_put(init_variables(model, jax.random.key(0)), var_sh)
+    state = jax.device_put(train.init_train_state(tx, variables, 0), state_sh)
+    for b in batches:
+        variables, state, m = steps.train(variables, state, parallel.global_batch(b, parallel.batch_sharding(mesh)))
+    return jax.device_get(variables), jax.device_get(m)
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_eight_devices_train_like_one(tiny_store, fsdp):
+    """Same global batches and keys: 8 devices (optionally fsdp-sharded) == 1 device.
+
+    SGD: Adam's first steps are ~lr * sign(gradient), which turns reduction-order noise in
+    near-zero gradients into lr-sized differences and would hide real mistakes.
+    """
+    assert jax.device_count() == 8
+    config = tiny_config(tiny_store, optimizer="sgd", learning_rate=0.1)
+    src = store.open_store(tiny_store).source("train")
+    batches = [{"cube": np.stack([src[i]["cube"] for i in range(8 * k, 8 * k + 8)]),
+                "label": np.array([src[i]["label"] for i in range(8 * k, 8 * k + 8)])} for k in range(3)]
+    one, m1 = _run_steps(config, parallel.make_mesh(1, jax.devices()[:1]), batches)
+    if fsdp > 1:
+        parallel.FSDP_MIN_SIZE, saved = 1, parallel.FSDP_MIN_SIZE  # shard even tiny kernels
+    try:
+        eight, m8 = _run_steps(config, parallel.make_mesh(fsdp), batches)
+    finally:
+        if fsdp > 1:
+            parallel.FSDP_MIN_SIZE = saved
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    for (k, a), b in zip(flatten_dict(one).items(), flatten_dict(eight).values(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg="/".join(k))
+
+
+def test_step_decay_and_warmup_schedules():
+    t = train.default_config()
+    t.update(schedule="step", decay_every=10, decay_factor=0.5, learning_rate=1e-3)
+    s = train.make_schedule(t)
+    assert [float(s(i)) for i in (0, 9, 10, 25)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+    t.update(schedule="cosine", warmup_steps=5, steps=25)
+    s = train.make_schedule(t)
+    assert float(s(0)) == 0 and float(s(5)) == pytest.approx(1e-3) and float(s(25)) == pytest.approx(0, abs=1e-9)
+    t.update(optimizer="sgd", grad_clip_norm=1.0)
+    assert isinstance(train.make_optimizer(t), optax.GradientTransformation)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".pytest_cache" / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def _main_cmd(workdir, store_path, *overrides):
+    return [sys.executable, "-m", "transvw_jax.main", "--config", "configs/demo.py:runlocal", "--workdir",
+            str(workdir), "--config.stages=('pretrain',)", "--config.model.num_classes=4",
+            f"--config.data.store_dir={store_path}", "--config.train.sample_every=0", *overrides]
+
+
+def _params(workdir, step):
+    model = build_model(tiny_config("x").model)
+    restored = checkpointing.restore_variables(workdir, abstract_variables(model), step=step)
+    assert restored is not None and restored[0] == step
+    return flatten_dict(jax.device_get(restored[1]))
+
+
+def test_sigkill_and_resume_give_bit_identical_parameters(tiny_store, tmp_path):
+    args = ("--config.train.steps=30", "--config.train.checkpoint_every=3", "--config.train.log_every=1",
+            "--config.train.eval_every=10", "--config.train.keep_checkpoints=20")
+    done = subprocess.run(_main_cmd(tmp_path / "straight", tiny_store, *args), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(_main_cmd(tmp_path / "killed", tiny_store, *args), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "3"
+    deadline = time.time() + 300
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: after step 3's checkpoint, wherever it is now
+    proc.wait()
+    killed_at = max(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.isdigit())
+    assert killed_at < 30, "the run finished before it could be killed"
+    resumed = subprocess.run(_main_cmd(tmp_path / "killed", tiny_store, *args), cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "pretrain: resumed from" in resumed.stderr
+    a, b = _params(tmp_path / "straight", 30), _params(tmp_path / "killed", 30)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
+    lines = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [x["step"] for x in lines if x["split"] == "train"]
+    assert train_steps == list(range(1, 31))  # no step logged twice after the resume
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_store, tmp_path):
+    proc = subprocess.run(_main_cmd(tmp_path, tiny_store, "--config.train.optimizer=sgd",
+                                    "--config.train.learning_rate=1e15", "--config.train.steps=12",
+                                    "--config.train.checkpoint_every=1", "--config.train.log_every=4"),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error: ")][0]
+    bad = int(line.split("step ")[1].split(":")[0])
+    assert "training diverged" in line and f"last good checkpoint is step {bad - 1}" in line
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == bad - 1
+    for v in _params(tmp_path, bad - 1).values():
+        assert np.isfinite(v).all()
+
+
+def test_two_processes_end_with_identical_parameters(tiny_store, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "mp_worker.py"), str(i), str(port),
+                               str(tiny_store), str(tmp_path / "run"), str(tmp_path / f"p{i}.npz")],
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    a, b = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "p1.npz")
+    assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    init = flatten_dict(init_variables(build_model(tiny_config("x").model), jax.random.key(0))["params"], sep="/")
+    assert any(not np.array_equal(a[k], np.asarray(init[k])) for k in a.files)  # it did train
+    assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
