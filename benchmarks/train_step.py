@@ -12,6 +12,22 @@ convolution of the network forward+backward, per implementation. JSON lines:
   python benchmarks/train_step.py --compare-torch                # batch 2, width 32, float32
   python benchmarks/train_step.py --conv-impl depth2d --compare-torch
   python benchmarks/train_step.py --layers --width 32
+  python benchmarks/train_step.py --sweep --width 32             # float32, bfloat16 x batch 1, 2, 4
+  python benchmarks/train_step.py --real-step --steps 3          # the project's train step
+
+`--real-step` times the project's actual step instead (`train.build_steps(...).train`: uint16
+cubes in, decoded and transformed on the device with the TransVW policy, YNet3D, Adam with
+the default step schedule; "what": "train_step/real"), so that the bare step and the real
+one can be compared. `--sweep` runs float32 and bfloat16 at batches 1, 2 and 4 (one line
+each, impl "jax"); with `--real-step` it sweeps the real step.
+
+MFU = FLOPs of one step (XLA's cost analysis of the compiled step, `gflop_per_step`) / step
+time / peak FLOP/s of the device for the compute dtype. Peaks: `--peak-tflops` if given;
+else the table PEAK_TFLOPS for accelerators (matched on `jax.devices()[0].device_kind`);
+on CPU the best time of a jitted 4096x4096 @ 4096x4096 float32 matmul, printed as its own
+line {"what": "peak", "impl": "matmul", ...} and used for BOTH dtypes (XLA:CPU has no
+faster bf16 path to measure against). Every line says which peak it used
+(`peak_tflops`, `peak_basis`).
 """
 
 from __future__ import annotations
@@ -22,14 +38,47 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from transvw_jax import export
-from transvw_jax.models import build_model, init_variables
+from transvw_jax import export, parallel, train
+from transvw_jax import transforms as T
+from transvw_jax.models import abstract_variables, build_model, init_variables
 from transvw_jax.models.layers import conv3d_same
 
 LAMBDA_CLS = 0.01
+SWEEP_BATCHES = (1, 2, 4)
+SWEEP_DTYPES = ("float32", "bfloat16")
+
+# Dense peak TFLOP/s (no structured sparsity: datasheet "with sparsity" figures halved), per
+# compute mode; the first device_kind substring (lower case) that matches wins.
+#  - NVIDIA H100 SXM5, H100 Tensor Core GPU datasheet: BF16 989.4, TF32 494.7, FP32 66.9 (CUDA
+#    cores); H100 PCIe: 756 / 378 / 51. H200 SXM (H200 datasheet): the same compute as the
+#    H100 SXM. A100 (A100 datasheet): 312 / 156 / 19.5.
+#  - TPU (Google Cloud TPU system-architecture pages), BF16 per chip: v4 275, v5e 197,
+#    v5p 459, v6e (Trillium) 918.
+# float32 on GPUs: JAX's default precision computes float32 convolutions and dots with TF32
+# on Ampere and newer ("Matmul precision" in the JAX docs: "bfloat16 on TPU, TF32 on recent
+# GPUs"), so the float32 peak is the TF32 one unless jax_default_matmul_precision asks for
+# float32/highest, when it is the CUDA-core FP32 one. On TPU, default float32 = one bf16
+# pass (the bf16 peak); high = 3 passes, highest = 6 (peak / 3, / 6: approximate).
+_H100_SXM = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("h100 pcie", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("h100", _H100_SXM),
+    ("h200", _H100_SXM),
+    ("a100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("v5 lite", {"tpu_bf16": 197.0}),
+    ("v5e", {"tpu_bf16": 197.0}),
+    ("v5p", {"tpu_bf16": 459.0}),
+    ("v5", {"tpu_bf16": 459.0}),
+    ("v6 lite", {"tpu_bf16": 918.0}),
+    ("v6e", {"tpu_bf16": 918.0}),
+    ("v4", {"tpu_bf16": 275.0}),
+]
+_FULL_F32 = ("float32", "highest", "f32_f32_f32")
+_THREE_PASS = ("tensorfloat32", "high", "bf16_bf16_f32_x3")
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,29 +89,109 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cube", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--conv-impl", default="xla3d", choices=["xla3d", "depth2d"])
-    p.add_argument("--iters", type=int, default=3, help="timed steps per implementation")
+    p.add_argument("--iters", "--steps", dest="iters", type=int, default=3,
+                   help="timed steps per implementation (--steps and --iters are the same)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak, for mfu")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"float32 and bfloat16 at batches {SWEEP_BATCHES}, one line each (no torch)")
+    p.add_argument("--real-step", action="store_true",
+                   help="time train.build_steps(...).train (transforms included, uint16 cubes in)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for mfu (overrides the table / the CPU matmul measurement)")
     return p.parse_args()
 
 
-def emit(args, what, impl, device, seconds, gflop=None, **extra) -> float:
-    cubes_per_s = args.batch / seconds
+# --------------------------------------------------------------------------- peak FLOP/s
+
+
+def measure_matmul_tflops(dtype: str, n: int = 4096, repeats: int = 5) -> tuple[float, float]:
+    """(TFLOP/s, best seconds) of a jitted n x n @ n x n matmul, best of `repeats`."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(kb, (n, n), jnp.dtype(dtype))
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(mm(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best / 1e12, best
+
+
+class Peaks:
+    """Peak TFLOP/s per compute dtype for this device, and how it was obtained."""
+
+    def __init__(self, override: float | None):
+        self.override = override
+        self.device = jax.devices()[0]
+        self.kind = self.device.device_kind
+        self._cache: dict[str, tuple[float | None, str]] = {}
+
+    def __call__(self, dtype: str) -> tuple[float | None, str]:
+        if dtype not in self._cache:
+            self._cache[dtype] = self._resolve(dtype)
+        return self._cache[dtype]
+
+    def _resolve(self, dtype: str) -> tuple[float | None, str]:
+        if self.override:
+            return self.override, "--peak-tflops"
+        if self.device.platform == "cpu":
+            # One measurement serves both dtypes: bf16 is not faster than f32 on XLA:CPU.
+            if "cpu" not in self._cache:
+                tflops, seconds = measure_matmul_tflops("float32")
+                print(json.dumps({"what": "peak", "impl": "matmul", "shape": [4096, 4096, 4096],
+                                  "dtype": "float32", "device": self.kind, "tflops": round(tflops, 4),
+                                  "s": round(seconds, 4), "used_for": list(SWEEP_DTYPES)}), flush=True)
+                basis = "measured: float32 4096^3 matmul, best of 5, used for both dtypes"
+                self._cache["cpu"] = (tflops, basis)
+            return self._cache["cpu"]
+        kind = self.kind.lower()
+        precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+        for key, peaks in PEAK_TFLOPS:
+            if key not in kind:
+                continue
+            if "tpu_bf16" in peaks:
+                passes = 1 if dtype == "bfloat16" else 6 if precision in _FULL_F32 else (
+                    3 if precision in _THREE_PASS else 1)
+                return peaks["tpu_bf16"] / passes, f"table: {key} bf16 / {passes} pass(es)"
+            if dtype == "bfloat16":
+                return peaks["bf16"], f"table: {key} bf16 dense"
+            mode = "fp32" if precision in _FULL_F32 else "tf32"
+            return peaks[mode], f"table: {key} {mode} dense (matmul precision {precision})"
+        tflops, _ = measure_matmul_tflops(dtype)
+        return tflops, f"measured: {dtype} 4096^3 matmul ({self.kind} not in the table)"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def emit(args, what, impl, device, seconds, gflop=None, *, batch=None, dtype=None, peak=(None, None),
+         **extra) -> float:
+    batch = args.batch if batch is None else batch
+    dtype = args.dtype if dtype is None else dtype
+    cubes_per_s = batch / seconds
+    peak_tflops, basis = peak
     mfu = None
-    if gflop and args.peak_tflops:
-        mfu = round(gflop / seconds / (args.peak_tflops * 1e3), 4)
-    print(json.dumps({"what": what, "impl": impl, "shape": [args.batch, *args.cube, 1],
-                      "dtype": args.dtype, "device": device, "cubes_per_s": round(cubes_per_s, 4),
+    if gflop and peak_tflops:
+        mfu = round(gflop / seconds / (peak_tflops * 1e3), 4)
+    print(json.dumps({"what": what, "impl": impl, "shape": [batch, *args.cube, 1],
+                      "dtype": dtype, "device": device, "cubes_per_s": round(cubes_per_s, 4),
                       "s_per_step": round(seconds, 4),
                       "gflop_per_step": None if gflop is None else round(gflop, 1), "mfu": mfu,
-                      **extra}), flush=True)
+                      "batch": batch, "width": args.width,
+                      "peak_tflops": None if peak_tflops is None else round(peak_tflops, 4),
+                      "peak_basis": basis, **extra}), flush=True)
     return cubes_per_s
 
 
-def jax_step(args):
+# --------------------------------------------------------------------------- steps
+
+
+def jax_step(args, dtype=None):
     model = build_model({"name": "ynet3d", "width": args.width, "num_classes": args.num_classes,
-                         "dtype": args.dtype, "conv_impl": args.conv_impl})
+                         "dtype": dtype or args.dtype, "conv_impl": args.conv_impl})
     variables = init_variables(model, jax.random.key(0))
     tx = optax.adam(1e-3)
     state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
@@ -84,6 +213,43 @@ def jax_step(args):
 
     # The first step donates (frees) these arrays: keep a host copy for the PyTorch side.
     return jax.jit(step, donate_argnums=0), state, export.to_torch_state_dict(variables)
+
+
+def real_config(args, batch: int, dtype: str) -> ml_collections.ConfigDict:
+    """The sections of a run config that `train.build_steps` reads (TransVW, defaults)."""
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict({
+        "name": "ynet3d", "width": args.width, "num_classes": args.num_classes, "bn": "reference",
+        "dtype": dtype, "conv_impl": args.conv_impl})
+    config.train = train.default_config()
+    config.train.objective = "transvw"
+    config.train.batch_size = batch
+    config.transforms = T.default_config("transvw")
+    return config
+
+
+def real_step(args, batch: int, dtype: str):
+    """(train step, variables, train state, mesh, torch state dict) of the project's step."""
+    config = real_config(args, batch, dtype)
+    model = build_model(config.model)
+    tx = train.make_optimizer(config.train)
+    mesh = parallel.make_mesh(1)
+    abstract = abstract_variables(model)
+    var_sh = parallel.state_shardings(mesh, abstract)
+    abstract_state = jax.eval_shape(lambda v: train.init_train_state(tx, v, 0), abstract)
+    state_sh = parallel.state_shardings(mesh, abstract_state)
+    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
+    steps = train.build_steps(model, tx, config, mesh, var_sh, state_sh)
+    host = init_variables(model, jax.random.key(0))
+    variables = jax.device_put(host, var_sh)
+    state = jax.device_put(train.init_train_state(tx, variables, 0), state_sh)
+    return steps.train, variables, state, mesh, export.to_torch_state_dict(host)
+
+
+def compiled_gflop(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost.get("flops", 0.0) / 1e9 if cost else None
 
 
 def torch_step(args, state_dict, x, y):
@@ -114,43 +280,75 @@ def torch_step(args, state_dict, x, y):
     return run
 
 
-def main_step(args) -> None:
+def run_case(args, batch: int, dtype: str, peaks: Peaks, *, compare_torch: bool, impl: str | None = None
+             ) -> None:
+    """Compile and time one (batch, dtype) case; prints its line(s)."""
     rng = np.random.default_rng(0)
-    x = rng.random((args.batch, *args.cube, 1), dtype=np.float32)
-    y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
-    step, state, state_dict = jax_step(args)
-    xd, yd = jax.device_put(x), jax.device_put(y)
-    compiled = step.lower(state, xd, yd).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    gflop = cost.get("flops", 0.0) / 1e9 if cost else None
-    state, loss = compiled(state, xd, yd)
-    jax.block_until_ready(loss)
+    x = rng.random((batch, *args.cube, 1), dtype=np.float32)
+    y = rng.integers(0, args.num_classes, batch).astype(np.int32)
     device = jax.devices()[0].device_kind
-    holder = {"state": state}
+    if args.real_step:
+        what = "train_step/real"
+        step, variables, state, mesh, state_dict = real_step(args, batch, dtype)
+        local = parallel.local_batch_size(batch)
+        cubes = np.rint(x[:local, ..., 0] * 65535.0).astype(np.uint16)  # what the store holds
+        inputs = (parallel.global_batch({"cube": cubes, "label": y[:local]}, parallel.batch_sharding(mesh)),)
+        holder = {"variables": variables, "state": state}
+        compiled = step.lower(variables, state, *inputs).compile()
+
+        def call():
+            holder["variables"], holder["state"], m = compiled(holder["variables"], holder["state"], *inputs)
+            return m["loss"]
+    else:
+        what = "train_step"
+        step, state, state_dict = jax_step(args, dtype)
+        inputs = (jax.device_put(x), jax.device_put(y))
+        holder = {"state": state}
+        compiled = step.lower(state, *inputs).compile()
+
+        def call():
+            holder["state"], loss = compiled(holder["state"], *inputs)
+            return loss
+
+    gflop = compiled_gflop(compiled)
+    jax.block_until_ready(call())  # warm
 
     def run_jax() -> float:
         start = time.perf_counter()
-        holder["state"], loss = compiled(holder["state"], xd, yd)
-        jax.block_until_ready(loss)
+        jax.block_until_ready(call())
         return time.perf_counter() - start
 
-    timers = {f"jax-{args.conv_impl}": run_jax}
-    if args.compare_torch:
+    jax_name = impl or f"jax-{args.conv_impl}"
+    timers = {jax_name: run_jax}
+    if compare_torch:
         timers["torch"] = torch_step(args, state_dict, x, y)
     times = {k: [] for k in timers}
     for _ in range(args.iters):  # alternate so that machine noise hits both
         for name, run in timers.items():
             times[name].append(run())
     rates = {}
+    cpu = jax.devices()[0].platform == "cpu"
     for name, ts in times.items():
-        rates[name] = emit(args, "train_step", name, device if name != "torch" else "cpu (torch)",
-                           float(np.median(ts)), gflop)
-    if args.compare_torch:
-        jax_name = f"jax-{args.conv_impl}"
-        print(json.dumps({"what": "ratio", "impl": f"{jax_name}/torch", "shape": [args.batch, *args.cube, 1],
-                          "dtype": args.dtype, "device": device,
+        is_torch = name == "torch"
+        # torch runs on this host's CPU: its mfu is only meaningful against a CPU peak
+        peak = peaks(dtype) if (not is_torch or cpu) else (None, None)
+        extra = {} if is_torch else {"conv_impl": args.conv_impl}
+        rates[name] = emit(args, what, name, "cpu (torch)" if is_torch else device, float(np.median(ts)),
+                           gflop, batch=batch, dtype=dtype, peak=peak, steps=len(ts), **extra)
+    if compare_torch:
+        print(json.dumps({"what": "ratio", "impl": f"{jax_name}/torch", "shape": [batch, *args.cube, 1],
+                          "dtype": dtype, "device": device,
                           "ratio": round(rates[jax_name] / rates["torch"], 3)}), flush=True)
+
+
+def main_step(args) -> None:
+    peaks = Peaks(args.peak_tflops)
+    if args.sweep:
+        for dtype in SWEEP_DTYPES:
+            for batch in SWEEP_BATCHES:
+                run_case(args, batch, dtype, peaks, compare_torch=False, impl="jax")
+    else:
+        run_case(args, args.batch, args.dtype, peaks, compare_torch=args.compare_torch)
 
 
 def conv_layers(width: int, cube):
@@ -172,6 +370,8 @@ def conv_layers(width: int, cube):
 
 def main_layers(args) -> None:
     device = jax.devices()[0].device_kind
+    peaks = Peaks(args.peak_tflops)
+    cpu = jax.devices()[0].platform == "cpu"
     dtype = jnp.dtype(args.dtype)
     for name, cin, cout, spatial in conv_layers(args.width, args.cube):
         rng = np.random.default_rng(0)
@@ -188,8 +388,8 @@ def main_layers(args) -> None:
                 jax.block_until_ready(grad(x, w))
                 ts.append(time.perf_counter() - start)
             s = float(np.median(ts))
-            emit(args, f"layer/{name}", impl, device, s, gflop, gflop_per_s=round(gflop / s, 1),
-                 layer=[cin, cout, *spatial])
+            emit(args, f"layer/{name}", impl, device, s, gflop, peak=peaks(args.dtype),
+                 gflop_per_s=round(gflop / s, 1), layer=[cin, cout, *spatial])
         if args.compare_torch:
             import torch
 
@@ -202,7 +402,8 @@ def main_layers(args) -> None:
                 conv(xt).sum().backward()
                 ts.append(time.perf_counter() - start)
             s = float(np.median(ts))
-            emit(args, f"layer/{name}", "torch", "cpu (torch)", s, gflop, gflop_per_s=round(gflop / s, 1),
+            emit(args, f"layer/{name}", "torch", "cpu (torch)", s, gflop,
+                 peak=peaks("float32") if cpu else (None, None), gflop_per_s=round(gflop / s, 1),
                  layer=[cin, cout, *spatial])
 
 

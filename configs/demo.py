@@ -25,14 +25,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "ynet3d"  # unet3d (Models Genesis) | ynet3d (TransVW) | encoder_classifier
-    config.model.width = 32  # 32 is the reference network
+    # 32 is the reference network (configs/luna16_transvw.py); 8 keeps the demo's
+    # pretraining to minutes on a laptop CPU (1/16 of the FLOPs).
+    config.model.width = 8
     config.model.num_classes = 16  # visual-word classes (ignored by unet3d); the paper: 44+
     config.model.bn = "reference"  # reference: batch statistics also at eval | standard
     config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     config.model.conv_impl = "xla3d"  # or depth2d: faster CPU forward, slower CPU training
 
     config.data = ml_collections.ConfigDict()
-    config.data.cube_shape = (64, 64, 32)  # X, Y, Z; each divisible by 8
+    # X, Y, Z; each divisible by 8. The reference cube is 64x64x32 (configs/luna16_*.py);
+    # the demo uses 32x32x16 so that pretraining takes minutes on a laptop CPU.
+    config.data.cube_shape = (32, 32, 16)
     config.data.source = "store"  # store (written by discover) | released (the TransVW .npy files)
     config.data.store_dir = ""  # "" = <workdir>/store
     config.data.released_dir = ""  # folder of train_data{r}_vwGen_ex_ref_fold{k}.0.npy files
@@ -44,12 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Pretraining (REFERENCE.md section 4: Adam 1e-3, batch 64, lambda_cls 0.01, x0.5 every
     # 40 epochs, patience 50 epochs), scaled down to minutes on a laptop CPU.
     config.train = train.default_config()
-    config.train.batch_size = 4
-    config.train.steps = 60
-    config.train.log_every = 5
-    config.train.eval_every = 20
-    config.train.checkpoint_every = 20
-    config.train.sample_every = 30
+    config.train.batch_size = 8
+    config.train.steps = 150
+    config.train.log_every = 10
+    config.train.eval_every = 50
+    config.train.checkpoint_every = 50
+    config.train.sample_every = 50
     config.train.decay_every = 1000
 
     config.parallel = parallel.default_config()
@@ -72,9 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.discovery.autoencoder.batch_size = 4
     config.discovery.words.train_instances = 8
     config.discovery.words.val_instances = 3
-    config.discovery.words.border = (8, 8, 4)
-    config.discovery.words.extra_size = (50, 80)
-    config.discovery.words.extra_offset = (-10, 10)
+    config.discovery.words.border = (16, 16, 8)
+    config.discovery.words.extra_size = (25, 40)  # the reference's [50, 80) for 64-voxel cubes
+    config.discovery.words.extra_offset = (-5, 5)
 
     # Restoration transforms (used by pretraining): one sub-dict per transform; the
     # Models Genesis settings are transforms.default_config("genesis").

@@ -76,16 +76,25 @@ def test_export_stage_uses_the_latest_checkpoint(tmp_path):
     assert_trees_equal(exported, newer)
 
 
-def test_demo_synthesize_and_discover_leave_a_store(tmp_path):
-    """The tiny demo's first two stages: phantoms in volumes/, a valid visual-word store."""
-    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
-                    "--config.stages=('synthesize','discover')")
+def test_the_tiny_demo_runs_end_to_end(tmp_path):
+    """All four stages of the tiny demo, and everything the README says they leave behind."""
+    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "volumes").glob("phantom_*.nii.gz"))) == 12
     s = store.open_store(tmp_path / "store")
     assert s.num_classes == 8 and s.num_cubes("train") == 8 * 4 * 3 and s.num_cubes("validation") == 8 * 2
     assert "discover/extract: 12/12 patients" in proc.stderr
     assert "orbax" not in proc.stderr.lower()  # library INFO lines are hidden
+    assert (tmp_path / "checkpoints" / "6").is_dir() and any((tmp_path / "best").iterdir())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "eval"] == [3, 6]
+    assert {"loss", "rec", "cls", "acc"} <= set(lines[-1])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert samples == ["step_0000003.png", "step_0000006.png"]
+    assert "exporting the best checkpoint by validation loss" in proc.stderr
+    assert (tmp_path / "export" / "transvw.safetensors").is_file()
+    assert "summary:" in proc.stderr and "best validation (step" in proc.stderr
     # discover alone reuses the volumes and the trained auto-encoder
     proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
                     "--config.stages=('discover',)")
