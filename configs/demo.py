@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 40 epochs, patience 50 epochs), scaled down to minutes on a laptop CPU.
     config.train = train.default_config()
     config.train.batch_size = 8
-    config.train.steps = 150
+    config.train.steps = 100
     config.train.log_every = 10
     config.train.eval_every = 50
     config.train.checkpoint_every = 50
