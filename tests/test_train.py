@@ -187,3 +187,13 @@ def test_two_processes_end_with_identical_parameters(tiny_store, tmp_path):
     init = flatten_dict(init_variables(model, jax.random.key(0))["params"], sep="/")
     assert any(not np.array_equal(a[k], np.asarray(init[k])) for k in a.files)  # it did train
     assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tiny_store):
+    config = tiny_config(tiny_store)
+    config.model.dtype = "bfloat16"
+    src = store.open_store(tiny_store).source("train")
+    batch = {"cube": np.stack([src[i]["cube"] for i in range(8)]), "label": np.arange(8) % 4}
+    variables, m = _run_steps(config, parallel.make_mesh(1, jax.devices()[:1]), [batch, batch])
+    assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables["params"]))
+    assert np.isfinite(m["loss"]) and m["loss"] > 0
