@@ -18,7 +18,8 @@ convolution of the network forward+backward, per implementation. JSON lines:
 `--real-step` times the project's actual step instead (`train.build_steps(...).train`: uint16
 cubes in, decoded and transformed on the device with the TransVW policy, YNet3D, Adam with
 the default step schedule; "what": "train_step/real"), so that the bare step and the real
-one can be compared. `--sweep` runs float32 and bfloat16 at batches 1, 2 and 4 (one line
+one can be compared (with `--compare-torch` the PyTorch side stays the bare step, without
+transforms). `--sweep` runs float32 and bfloat16 at batches 1, 2 and 4 (one line
 each, impl "jax"); with `--real-step` it sweeps the real step.
 
 MFU = FLOPs of one step (XLA's cost analysis of the compiled step, `gflop_per_step`) / step
@@ -332,9 +333,12 @@ def run_case(args, batch: int, dtype: str, peaks: Peaks, *, compare_torch: bool,
         is_torch = name == "torch"
         # torch runs on this host's CPU: its mfu is only meaningful against a CPU peak
         peak = peaks(dtype) if (not is_torch or cpu) else (None, None)
-        extra = {} if is_torch else {"conv_impl": args.conv_impl}
-        rates[name] = emit(args, what, name, "cpu (torch)" if is_torch else device, float(np.median(ts)),
-                           gflop, batch=batch, dtype=dtype, peak=peak, steps=len(ts), **extra)
+        if is_torch:  # the PyTorch side is always the bare step (fixed batch, no transforms)
+            line, dev, extra = "train_step", "cpu (torch)", {}
+        else:
+            line, dev, extra = what, device, {"conv_impl": args.conv_impl}
+        rates[name] = emit(args, line, name, dev, float(np.median(ts)), gflop, batch=batch, dtype=dtype,
+                           peak=peak, steps=len(ts), **extra)
     if compare_torch:
         print(json.dumps({"what": "ratio", "impl": f"{jax_name}/torch", "shape": [batch, *args.cube, 1],
                           "dtype": dtype, "device": device,
