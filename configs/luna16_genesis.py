@@ -4,12 +4,11 @@ Run:
   python -m transvw_jax.main --config configs/luna16_genesis.py --workdir runs/luna16_genesis \\
       --config.discovery.volumes_dir=/path/to/luna16_all
 
-Same data path as configs/luna16_transvw.py (see its docstring for the one-folder LUNA16
-layout and the epoch -> step conversion): `discover` writes the visual-word store and
-pretraining reads its cubes, ignoring their labels. Models Genesis itself samples random
-cubes; drawing them from the store instead keeps the two methods on the same cubes, which
-is what a comparison needs. A store already written by a TransVW run can be reused
-without discovering again:
+Same volumes as configs/luna16_transvw.py (see its docstring for the one-folder LUNA16
+layout and the epoch -> step conversion), but `discover` runs in `random` mode, as Models
+Genesis samples its data: 64 cubes per patient at random positions that pass the air test
+(no auto-encoder, one class). To train on exactly the cubes of a TransVW run instead (a
+comparison at equal data), reuse its store and skip discovery:
   --config.stages="('pretrain', 'export')" --config.data.store_dir=runs/luna16_transvw/store
 
 Differences from the TransVW config: model unet3d (no visual-word head), objective
@@ -38,10 +37,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown config argument {arg!r}; this config takes none")
     config = _luna16_transvw().get_config()
     config.stages = ("discover", "pretrain", "export")
+    config.discovery.mode = "random"  # Models Genesis: random air-filtered cubes, no classes
+    config.discovery.words.random_cubes_per_patient = 64
 
     config.model.name = "unet3d"  # Models Genesis: the U-Net alone (19.1M parameters at width 32)
-    # unet3d has no head: num_classes (44, from the TransVW config) only sets how many
-    # visual-word classes discovery extracts, i.e. how many cubes the store holds.
+    # unet3d has no head; num_classes (44, from the TransVW config) is unused in random mode.
 
     config.train.objective = "genesis"  # MSE restoration loss; the store's labels are ignored
     # Adam 1e-3 rather than the original Models Genesis default, SGD with lr = 1, which users

@@ -75,6 +75,7 @@ def test_luna16_genesis():
     c = load_config("luna16_genesis")
     assert tuple(c.stages) == ("discover", "pretrain", "export")
     assert (c.model.name, c.train.objective, c.transforms.policy) == ("unet3d", "genesis", "genesis")
+    assert c.discovery.mode == "random"
     assert (c.train.optimizer, c.train.learning_rate) == ("adam", 1e-3)  # not Genesis' SGD lr=1
     assert c.transforms.local_shuffle.num_blocks == 10_000 and not c.transforms.elastic.enabled
     assert c.data.source == "store"

@@ -171,3 +171,29 @@ def test_patients_are_streamed_one_load_per_reference_and_per_patient(tmp_path):
         w.commit(num_classes=5)
     assert calls == sorted(set(calls))  # each patient once, in order
     assert counts == {"train": 5 * 4 * 3, "validation": 5 * 2}
+
+
+def test_random_mode_draws_air_free_cubes_per_patient_reproducibly(phantoms, tmp_path):
+    """Models Genesis data: K random cubes per patient, one class, no auto-encoder."""
+    config = _config(phantoms)
+    config.discovery.mode = "random"
+    config.discovery.words.random_cubes_per_patient = 3
+    discovery.discover(config, tmp_path / "a")
+    s = store.open_store(tmp_path / "a" / "store")
+    assert s.num_classes == 1 and s.num_cubes("train") + s.num_cubes("validation") == 12 * 3
+    assert not (tmp_path / "a" / "discovery" / "autoencoder").exists()
+    meta = s.manifest["splits"]["train"]["cubes"]
+    assert set(meta["label"]) == {0}
+    w = config.discovery.words
+    for i in range(0, len(meta["label"]), 5):
+        path = s.manifest["sources"][meta["source"][i]]
+        v = volumes.load_volume(path).array
+        start = np.array([meta["coord"][i]])
+        assert words.air_scores(v, start, (16, 16, 8), w.air_threshold)[0] <= w.max_air_score
+        assert (start[0] >= np.array(w.border)).all()
+    discovery.discover(config, tmp_path / "b")
+    for f in (tmp_path / "a" / "store").iterdir():
+        assert f.read_bytes() == (tmp_path / "b" / "store" / f.name).read_bytes(), f.name
+    config.discovery.mode = "nope"
+    with pytest.raises(ConfigError, match="discovery.mode"):
+        discovery.discover(config, tmp_path / "c")

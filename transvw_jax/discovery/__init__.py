@@ -8,7 +8,9 @@ workdir:
   discovery/plan.json                     per class: reference, coordinate, nearest patients
   store/                                  the visual-word store (data/store.py)
 Patients are split into training and validation once, by the seed; classes draw their
-references from the training patients.
+references from the training patients. With `discovery.mode="random"` (Models Genesis)
+there is no auto-encoder and no classes: `words.random_cubes_per_patient` cubes at random
+positions that pass the air test, label 0.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from transvw_jax.discovery import autoencoder, words
 from transvw_jax.errors import ConfigError, DataError
 
 STORE_DIR = "store"
+MODES = ("visual_words", "random")
 DISCOVERY_DIR = "discovery"
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    # visual_words: TransVW self-discovery; random: Models Genesis cubes (random positions
+    # that pass the air test, words.random_cubes_per_patient per patient, one class).
+    c.mode = "visual_words"
     c.volumes_dir = ""  # "" = <workdir>/volumes, where the synthesize stage writes
     c.normalization = "ct"  # ct (HU window [-1000, 1000]) | percentile (MRI) | none
     c.spacing = ()  # () keeps each volume's spacing; (2.0, 2.0, 2.0) resamples to 2 mm
@@ -54,6 +60,10 @@ def volumes_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Cheap checks before any work; ConfigError names the key."""
     d = config.discovery
+    if d.mode not in MODES:
+        raise ConfigError(f"discovery.mode: {d.mode!r} is not one of {', '.join(MODES)}")
+    if d.words.random_cubes_per_patient < 1:
+        raise ConfigError("discovery.words.random_cubes_per_patient must be >= 1")
     if d.normalization not in volumes.NORMALIZATIONS:
         raise ConfigError(f"discovery.normalization: {d.normalization!r} is not one of "
                           f"{', '.join(volumes.NORMALIZATIONS)}")
@@ -127,6 +137,12 @@ def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
         return load_file(paths[i])
 
     splits = split_patients(len(paths), d.val_fraction, d.seed)
+    if d.mode == "random":
+        del cache
+        _atomic_json(out / "patients.json", {"patients": [str(p) for p in paths], "splits": splits,
+                                             "skipped": [[str(p), why] for p, why in skipped]})
+        return _write_store(config, workdir, cube, 1, lambda writer: words.extract_random(
+            paths, splits, load, writer, cube, d.words, d.seed))
     variables = autoencoder.train_autoencoder(cache, d.autoencoder, out / "autoencoder")
     embeddings = autoencoder.embed(cache, variables, d.autoencoder.width)
     del cache
@@ -141,13 +157,20 @@ def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
         "coordinates": plan.coordinates.tolist(),
         "neighbours": {k: v.tolist() for k, v in plan.neighbours.items()},
     })
+    return _write_store(config, workdir, cube, config.model.num_classes,
+                        lambda writer: words.extract(plan, paths, load, writer, cube))
+
+
+def _write_store(config: ml_collections.ConfigDict, workdir: Path, cube: tuple[int, ...], num_classes: int,
+                 fill) -> Path:
+    d = config.discovery
     store_path = workdir / STORE_DIR
     with store_lib.StoreWriter(store_path, cube_shape=cube, dtype=d.store.dtype,
                                records_per_shard=d.store.records_per_shard) as writer:
-        counts = words.extract(plan, paths, load, writer, cube)
-        writer.commit(num_classes=config.model.num_classes,
+        counts = fill(writer)
+        writer.commit(num_classes=num_classes,
                       config={"discovery": json.loads(d.to_json_best_effort()), "cube_shape": list(cube)},
                       seeds={"discovery": int(d.seed), "autoencoder": int(d.autoencoder.seed)})
     logging.info("discover: wrote %s: %d classes, %d training + %d validation cubes", store_path,
-                 config.model.num_classes, counts[words.TRAIN], counts[words.VALIDATION])
+                 num_classes, counts[words.TRAIN], counts[words.VALIDATION])
     return store_path

@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.extra_resolutions = 2
     c.extra_size = (50, 80)  # in-plane crop size, [low, high)
     c.extra_offset = (-10, 10)  # in-plane offset of that crop, [low, high)
+    c.random_cubes_per_patient = 64  # discovery.mode="random" (Models Genesis) only
     return c
 
 
@@ -235,4 +236,37 @@ def extract(plan: Plan, paths: Sequence[Path], load: Callable[[int], np.ndarray]
             counts[crop.split] += 1
         progress.update(extra=f"{counts[TRAIN]} + {counts[VALIDATION]} cubes")
     progress.done()
+    return counts
+
+
+def extract_random(paths: Sequence[Path], splits: Sequence[str], load: Callable[[int], np.ndarray],
+                   writer: StoreWriter, cube: Sequence[int], cfg: ml_collections.ConfigDict,
+                   seed: int) -> dict[str, int]:
+    """Models Genesis data: `cfg.random_cubes_per_patient` random cubes per patient, label 0.
+
+    Each cube start is drawn inside the borders and must pass the air test (the same
+    vectorised candidate search as a visual-word coordinate, without the distance rule); a
+    patient with no passing candidate in `max_tries` gives its least-air candidates. Each
+    patient is loaded once; draws come from a generator seeded by (seed, patient), so the
+    store is the same for the same seed.
+    """
+    counts = {TRAIN: 0, VALIDATION: 0}
+    fallbacks = 0
+    progress = Progress("discover/random", len(paths), "patients")
+    for patient, split in enumerate(splits):
+        volume = load(patient)
+        rng = np.random.default_rng([seed, 3, patient])
+        for _ in range(cfg.random_cubes_per_patient):
+            start, passed = choose_coordinate(volume, cube, cfg, np.zeros((0, 3), int), rng)
+            fallbacks += not passed
+            crop = Crop(split, 0, 0, patient, tuple(int(s) for s in start), 1,
+                        tuple(int(c) for c in cube), (0, 0))
+            x, begin = cut(volume, crop, cube)
+            writer.add(split, x, 0, source=str(paths[patient]), coord=begin, size=crop.size, resolution=1)
+            counts[split] += 1
+        progress.update(extra=f"{counts[TRAIN]} + {counts[VALIDATION]} cubes")
+    progress.done()
+    if fallbacks:
+        logging.warning("discover: %d random cubes found no candidate passing the air test in %d tries",
+                        fallbacks, cfg.max_tries)
     return counts
