@@ -1,0 +1,96 @@
+"""Labeled data for fine-tuning: nnU-Net layout, checks, patches, splits, candidate CSVs."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from transvw_jax.data import labeled, synthetic
+from transvw_jax.errors import DataError
+
+
+@pytest.fixture()
+def nnunet(tmp_path):
+    """Three phantoms with their nodule masks in the nnU-Net v2 raw layout."""
+    src = tmp_path / "src"
+    synthetic.write_phantoms(src, 3, shape=(32, 32, 16), masks=True)
+    root = tmp_path / "Dataset001_Nodules"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(3):
+        shutil.copy(src / f"phantom_{i:04d}.nii.gz", root / "imagesTr" / f"case{i}_0000.nii.gz")
+        shutil.copy(src / "masks" / f"phantom_{i:04d}.nii.gz", root / "labelsTr" / f"case{i}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "nodule": 1},
+                                                   "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}))
+    return root
+
+
+def test_nnunet_cases_load_with_their_masks(nnunet):
+    ds = labeled.read_nnunet(nnunet)
+    assert [c.name for c in ds.cases] == ["case0", "case1", "case2"]
+    assert ds.num_classes == 2 and ds.class_names == {0: "background", 1: "nodule"}
+    image, label = labeled.load_case(ds.cases[0], ds.num_classes)
+    assert image.shape == label.shape == (32, 32, 16) and label.dtype == np.int32
+    np.testing.assert_array_equal(label, synthetic.make_phantom(0, shape=(32, 32, 16)).nodules)
+    assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+def _write(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+
+
+def test_every_bad_case_is_named(nnunet):
+    (nnunet / "labelsTr" / "case2.nii.gz").unlink()
+    with pytest.raises(DataError, match="case 'case2' has no label"):
+        labeled.read_nnunet(nnunet)
+    case = labeled.Case("x", nnunet / "imagesTr" / "case0_0000.nii.gz", nnunet / "labelsTr" / "bad.nii.gz")
+    affine = nib.load(case.image).affine
+    _write(case.label, np.zeros((32, 32, 8), np.uint8), affine)
+    with pytest.raises(DataError, match="bad.nii.gz: label shape"):
+        labeled.load_case(case, 2)
+    _write(case.label, np.zeros((32, 32, 16), np.uint8), affine * np.diag([2, 1, 1, 1]))
+    with pytest.raises(DataError, match="bad.nii.gz: label affine differs"):
+        labeled.load_case(case, 2)
+    _write(case.label, np.full((32, 32, 16), 0.5, np.float32), affine)
+    with pytest.raises(DataError, match="not integers"):
+        labeled.load_case(case, 2)
+    _write(case.label, np.full((32, 32, 16), 3, np.uint8), affine)
+    with pytest.raises(DataError, match="label value 3 outside the 2 classes"):
+        labeled.load_case(case, 2)
+    (nnunet / "dataset.json").write_text("{}")
+    with pytest.raises(DataError, match="dataset.json"):
+        labeled.read_nnunet(nnunet)
+
+
+def test_foreground_oversampling_and_determinism():
+    image = np.random.default_rng(0).random((40, 40, 20), dtype=np.float32)
+    label = np.zeros((40, 40, 20), np.int32)
+    label[30:33, 5:8, 2:4] = 1  # a small nodule in a corner
+    x, y = labeled.sample_patches(image, label, (16, 16, 8), 10, 0.5, np.random.default_rng(1))
+    assert x.shape == (10, 16, 16, 8) and y.shape == (10, 16, 16, 8)
+    assert sum(int(p.any()) for p in y[:5]) == 5  # the oversampled half all contain the nodule
+    x2, _ = labeled.sample_patches(image, label, (16, 16, 8), 10, 0.5, np.random.default_rng(1))
+    np.testing.assert_array_equal(x, x2)
+    small, lab = labeled.sample_patches(image[:10], label[:10], (16, 16, 8), 2, 0.0, np.random.default_rng(0))
+    assert small.shape == (2, 16, 16, 8) and not lab.any()
+
+
+def test_split_is_seeded_and_disjoint():
+    names = [f"c{i}" for i in range(10)]
+    s = labeled.split_cases(names, 0.2, seed=0)
+    assert len(s["validation"]) == 2 and sorted(s["train"] + s["validation"]) == sorted(names)
+    assert s == labeled.split_cases(names, 0.2, seed=0) and s != labeled.split_cases(names, 0.2, seed=1)
+    assert len(labeled.split_cases(["a", "b"], 0.1, seed=0)["validation"]) == 1
+
+
+def test_candidate_csv(tmp_path):
+    (tmp_path / "c.csv").write_text("volume,x,y,z,label\nscan1.nii.gz,10,20,5,1\n/abs/s.nii.gz,1,2,3,0\n")
+    rows = labeled.read_candidates(tmp_path / "c.csv")
+    assert rows[0].volume == tmp_path / "scan1.nii.gz"
+    assert rows[0].centre == (10, 20, 5) and rows[0].label == 1
+    assert str(rows[1].volume) == "/abs/s.nii.gz"
+    (tmp_path / "bad.csv").write_text("volume,x,y,z,label\nscan1.nii.gz,10,twenty,5,1\n")
+    with pytest.raises(DataError, match="bad.csv:2: expected volume,x,y,z,label"):
+        labeled.read_candidates(tmp_path / "bad.csv")
