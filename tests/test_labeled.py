@@ -94,3 +94,26 @@ def test_candidate_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("volume,x,y,z,label\nscan1.nii.gz,10,twenty,5,1\n")
     with pytest.raises(DataError, match="bad.csv:2: expected volume,x,y,z,label"):
         labeled.read_candidates(tmp_path / "bad.csv")
+
+
+def test_segment_cases_writes_masks_with_the_input_affine_and_a_report(nnunet, tmp_path):
+    import jax.numpy as jnp
+
+    from transvw_jax import predict
+
+    ds = labeled.read_nnunet(nnunet)
+
+    def background(x):  # predicts background everywhere: class-0 Dice high, class-1 Dice 0
+        return jnp.stack([jnp.ones_like(x), jnp.zeros_like(x)], axis=-1)
+
+    report = predict.segment_cases(background, ds.cases, ds.num_classes, (16, 16, 8), tmp_path / "out")
+    for case in ds.cases:
+        written = nib.load(tmp_path / "out" / "masks" / f"{case.name}.nii.gz")
+        np.testing.assert_allclose(written.affine, nib.load(case.image).affine)
+        assert written.shape == (32, 32, 16) and not np.asarray(written.dataobj).any()
+        assert (tmp_path / "out" / "overlays" / f"{case.name}.png").is_file()
+        assert report["cases"][case.name]["dice"][1] == 0.0
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["summary"]["dice_class1"] == {"mean": 0.0, "sd": 0.0}
+    assert 0.99 < saved["summary"]["dice_class0"]["mean"] < 1.0
+    assert not list((tmp_path / "out").rglob(".*tmp*"))
