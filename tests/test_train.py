@@ -197,3 +197,17 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_store):
     variables, m = _run_steps(config, parallel.make_mesh(1, jax.devices()[:1]), [batch, batch])
     assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables["params"]))
     assert np.isfinite(m["loss"]) and m["loss"] > 0
+
+
+def test_unusable_batch_size_and_missing_validation_are_config_errors(tiny_store, tmp_path):
+    from transvw_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.batch_size=64: batch_size 64 must be in"):
+        train.train_and_evaluate(tiny_config(tiny_store, batch_size=64), tmp_path / "a")
+    no_val = tmp_path / "no_val"
+    with store.StoreWriter(no_val, cube_shape=SHAPE) as w:
+        for i in range(16):
+            w.add("train", np.zeros(SHAPE, np.float32), i % 4)
+        w.commit(num_classes=4)
+    with pytest.raises(ConfigError, match="no validation cubes"):
+        train.train_and_evaluate(tiny_config(no_val), tmp_path / "b")

@@ -376,17 +376,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     ckpt = checkpointing.RunCheckpointer(workdir, keep=t.keep_checkpoints)
     start = ckpt.latest_step()
-    dataset = loader.train_dataset(
-        train_src,
-        batch_size=local,
-        seed=t.seed,
-        num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
-    )
+    if len(val_src) == 0:
+        raise ConfigError("the data has no validation cubes (evaluation, early stopping and the best "
+                          "checkpoint need them): set discovery.val_fraction > 0 and discover again")
+    try:
+        dataset = loader.train_dataset(
+            train_src,
+            batch_size=local,
+            seed=t.seed,
+            num_threads=config.data.num_threads,
+            prefetch=config.data.prefetch,
+        )
+    except ValueError as e:
+        raise ConfigError(f"train.batch_size={t.batch_size}: {e}") from None
     iterator = iter(dataset)
     is_main = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, enabled=is_main)
     best_eval, best_step, evals_since_best = None, ckpt.best_step(), 0
+    already_stopped = False
     if start is None:
         # The same values as `init_variables` everywhere (its compile options apply only to a
         # top-level jit); the reference-size networks fit on one device before being placed.
@@ -406,6 +413,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         evals_since_best = int(data_state.get("evals_since_best", 0))
         writer.truncate_after(start)
         logging.info("pretrain: resumed from %s/%d", checkpointing.checkpoint_dir(workdir), start)
+        if t.patience and evals_since_best >= t.patience:
+            logging.info("pretrain: the run had already stopped early (no better validation loss in %d "
+                         "evaluations); nothing to do", evals_since_best)
+            already_stopped = True
 
     steps = build_steps(model, tx, config, mesh, var_sh, state_sh)
     sharding = parallel.batch_sharding(mesh)
@@ -414,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     pending: list[tuple[int, dict]] = []
     last_good = start if start else None
     last_train: dict[str, float] = {}
-    stopped_early = False
+    stopped_early = already_stopped
     sample_batch = None
 
     def flush_pending() -> None:
@@ -428,7 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     step = start
     try:
-        while step < t.steps:
+        while step < t.steps and not already_stopped:
             local_batch = next(iterator)
             batch = parallel.global_batch(local_batch, sharding)
             variables, state, m = steps.train(variables, state, batch)
