@@ -47,13 +47,11 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
+from train_step import real_config  # the same step config as train_step.py (same folder)
 
 from transvw_jax import parallel, train
-from transvw_jax import transforms as T
 from transvw_jax.data import loader, store
-from transvw_jax.models import abstract_variables, build_model, init_variables
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,34 +86,12 @@ def write_store(path: Path, cubes: int, shape: tuple[int, int, int], num_classes
         w.commit(num_classes=num_classes)
 
 
-def real_config(args, batch: int) -> ml_collections.ConfigDict:
-    """The sections of a run config that `train.build_steps` reads (TransVW, defaults)."""
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict({
-        "name": "ynet3d", "width": args.width, "num_classes": args.num_classes, "bn": "reference",
-        "dtype": args.dtype, "conv_impl": args.conv_impl})
-    config.train = train.default_config()
-    config.train.objective = "transvw"
-    config.train.batch_size = batch
-    config.transforms = T.default_config("transvw")
-    return config
-
-
 def build(args, batch: int):
     """(train step, variables, train state, batch sharding), as `train.train_and_evaluate` sets them up."""
-    config = real_config(args, batch)
-    model = build_model(config.model)
-    tx = train.make_optimizer(config.train)
     mesh = parallel.make_mesh(1)
-    abstract = abstract_variables(model)
-    var_sh = parallel.state_shardings(mesh, abstract)
-    abstract_state = jax.eval_shape(lambda v: train.init_train_state(tx, v, 0), abstract)
-    state_sh = parallel.state_shardings(mesh, abstract_state)
-    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
-    steps = train.build_steps(model, tx, config, mesh, var_sh, state_sh)
-    variables = jax.device_put(init_variables(model, jax.random.key(0)), var_sh)
-    state = jax.device_put(train.init_train_state(tx, variables, 0), state_sh)
-    return steps.train, variables, state, parallel.batch_sharding(mesh)
+    run = train.build_run(real_config(args, batch, args.dtype), mesh)
+    variables, state = run.init(0)
+    return run.steps.train, variables, state, parallel.batch_sharding(mesh)
 
 
 def main() -> None:

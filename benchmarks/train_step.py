@@ -45,7 +45,7 @@ import optax
 
 from transvw_jax import export, parallel, train
 from transvw_jax import transforms as T
-from transvw_jax.models import abstract_variables, build_model, init_variables
+from transvw_jax.models import build_model, init_variables
 from transvw_jax.models.layers import conv3d_same
 
 LAMBDA_CLS = 0.01
@@ -231,20 +231,10 @@ def real_config(args, batch: int, dtype: str) -> ml_collections.ConfigDict:
 
 def real_step(args, batch: int, dtype: str):
     """(train step, variables, train state, mesh, torch state dict) of the project's step."""
-    config = real_config(args, batch, dtype)
-    model = build_model(config.model)
-    tx = train.make_optimizer(config.train)
     mesh = parallel.make_mesh(1)
-    abstract = abstract_variables(model)
-    var_sh = parallel.state_shardings(mesh, abstract)
-    abstract_state = jax.eval_shape(lambda v: train.init_train_state(tx, v, 0), abstract)
-    state_sh = parallel.state_shardings(mesh, abstract_state)
-    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
-    steps = train.build_steps(model, tx, config, mesh, var_sh, state_sh)
-    host = init_variables(model, jax.random.key(0))
-    variables = jax.device_put(host, var_sh)
-    state = jax.device_put(train.init_train_state(tx, variables, 0), state_sh)
-    return steps.train, variables, state, mesh, export.to_torch_state_dict(host)
+    run = train.build_run(real_config(args, batch, dtype), mesh)
+    variables, state = run.init(0)
+    return run.steps.train, variables, state, mesh, export.to_torch_state_dict(jax.device_get(variables))
 
 
 def compiled_gflop(compiled) -> float | None:

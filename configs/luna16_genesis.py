@@ -16,26 +16,18 @@ genesis (MSE only), the Models Genesis transform policy (flip, local shuffle of 
 blocks, non-linear, in-/out-painting composed; no elastic deformation).
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
 from transvw_jax import transforms
-
-
-def _luna16_transvw():
-    path = Path(__file__).resolve().with_name("luna16_transvw.py")
-    spec = importlib.util.spec_from_file_location("_transvw_configs_luna16_transvw", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from transvw_jax.fileio import load_module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg:
         raise ValueError(f"unknown config argument {arg!r}; this config takes none")
-    config = _luna16_transvw().get_config()
+    config = load_module(Path(__file__).with_name("luna16_transvw.py")).get_config()
     config.stages = ("discover", "pretrain", "export")
     config.discovery.mode = "random"  # Models Genesis: random air-filtered cubes, no classes
     config.discovery.words.random_cubes_per_patient = 64

@@ -34,29 +34,19 @@ modules' defaults, so none of the demo's laptop-sized values carry over; every v
 matters for this experiment is set below.
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
 import ml_collections
 
 from transvw_jax import discovery, parallel, train, transforms
+from transvw_jax.fileio import load_module
 
 # Reference schedule, in epochs (REFERENCE.md section 4).
 DECAY_EPOCHS = 40  # learning rate x0.5 every 40 epochs
 PATIENCE_EPOCHS = 50  # stop after 50 epochs without a better validation loss
 MAX_EPOCHS = 200  # an upper bound: early stopping usually ends the run sooner
 SAMPLE_EPOCHS = 10  # a PNG of input / target / restoration every 10 epochs
-
-
-def load_sibling(name: str):
-    """Another config file of this folder, by path: configs/ is not a package, and
-    ml_collections loads config files by path whatever the working directory."""
-    path = Path(__file__).resolve().with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_transvw_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_cubes(config: ml_collections.ConfigDict) -> int:
@@ -81,7 +71,7 @@ def set_epoch_cadences(config: ml_collections.ConfigDict, cubes: int) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = load_sibling("demo").get_config()
+    config = load_module(Path(__file__).with_name("demo.py")).get_config()
     del config.synthesize  # real data: no phantoms
     config.seed = 0
     config.stages = ("discover", "pretrain", "export")

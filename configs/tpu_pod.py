@@ -18,23 +18,16 @@ a persistent disk attached read-only to every worker for the store, gcsfuse). gs
 are NOT supported: the store and the workdir are read and written as local paths.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-
-def _luna16_transvw():
-    path = Path(__file__).resolve().with_name("luna16_transvw.py")
-    spec = importlib.util.spec_from_file_location("_transvw_configs_luna16_transvw", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from transvw_jax.fileio import load_module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`arg`: None (the store written by discovery) or "released" (the released cubes)."""
-    base = _luna16_transvw()
+    base = load_module(Path(__file__).with_name("luna16_transvw.py"))
     config = base.get_config(arg)
     config.stages = ("pretrain", "export")
 

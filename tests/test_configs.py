@@ -4,13 +4,13 @@ Configs are loaded the way `main` loads them (by path, not as a package) and che
 `stages.validate`; no stage runs.
 """
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from transvw_jax import stages
+from transvw_jax.fileio import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -27,10 +27,7 @@ CASES = [
 
 def load_config(name: str, arg: str | None = None):
     """As ml_collections' config_flags does: import the file by path, call get_config."""
-    spec = importlib.util.spec_from_file_location(f"config_under_test_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_module(CONFIGS / f"{name}.py", f"config_under_test_{name}").get_config(arg)
 
 
 @pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" if a else n for n, a in CASES])

@@ -50,19 +50,11 @@ def tiny_config(store_path, **train_overrides):
 
 
 def _run_steps(config, mesh, batches):
-    model = build_model(config.model)
-    tx = train.make_optimizer(config.train)
-    abstract = abstract_variables(model)
-    var_sh = parallel.state_shardings(mesh, abstract)
-    state_sh = parallel.state_shardings(
-        mesh, jax.eval_shape(lambda v: train.init_train_state(tx, v, 0), abstract))
-    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
-    steps = train.build_steps(model, tx, config, mesh, var_sh, state_sh)
-    variables = jax.device_put(init_variables(model, jax.random.key(0)), var_sh)
-    state = jax.device_put(train.init_train_state(tx, variables, 0), state_sh)
+    run = train.build_run(config, mesh)
+    variables, state = run.init(0)
     sharding = parallel.batch_sharding(mesh)
     for b in batches:
-        variables, state, m = steps.train(variables, state, parallel.global_batch(b, sharding))
+        variables, state, m = run.steps.train(variables, state, parallel.global_batch(b, sharding))
     return jax.device_get(variables), jax.device_get(m)
 
 

@@ -65,19 +65,24 @@ def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
         step = mngr.latest_step() if step is None else step
         if step is None:
             return None
-        where = directory / str(step)
-        try:
-            stored = mngr.item_metadata(step)[VARIABLES]
-        except Exception as e:  # noqa: BLE001 - Orbax raises various types
-            raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
-        if stored is None:
-            raise CheckpointError(f"{where}: no '{VARIABLES}' item in this checkpoint")
-        _check_shapes(where, getattr(stored, "tree", stored), like)
+        _check_stored_variables(mngr, step, like)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dict(like))
         restored = mngr.restore(
             step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(abstract)})
         )
         return step, dict(restored[VARIABLES])
+
+
+def _check_stored_variables(mngr: ocp.CheckpointManager, step: int, like: Mapping[str, Any]) -> None:
+    """CheckpointError naming the file and key when step's variables cannot become `like`."""
+    where = Path(mngr.directory) / str(step)
+    try:
+        stored = mngr.item_metadata(step)[VARIABLES]
+    except Exception as e:  # noqa: BLE001 - Orbax raises various types
+        raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
+    if stored is None:
+        raise CheckpointError(f"{where}: no '{VARIABLES}' item in this checkpoint")
+    _check_shapes(where, getattr(stored, "tree", stored), like)
 
 
 def _check_shapes(where: Path, stored: Any, like: Mapping[str, Any]) -> None:
@@ -154,12 +159,7 @@ class RunCheckpointer:
     def restore(self, step: int, variables_like: Mapping[str, Any],
                 train_state_like: Mapping[str, Any]) -> tuple[dict, dict, dict]:
         """(variables, train_state, data_state) of `step`, placed like the given trees."""
-        where = Path(self._latest.directory) / str(step)
-        try:
-            stored = self._latest.item_metadata(step)[VARIABLES]
-        except Exception as e:  # noqa: BLE001 - Orbax raises various types
-            raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
-        _check_shapes(where, getattr(stored, "tree", stored), variables_like)
+        _check_stored_variables(self._latest, step, variables_like)
         restored = self._latest.restore(step, args=ocp.args.Composite(**{
             VARIABLES: ocp.args.StandardRestore(_abstract(dict(variables_like))),
             TRAIN_STATE: ocp.args.StandardRestore(_abstract(dict(train_state_like))),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from transvw_jax.errors import CheckpointError
+from transvw_jax.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -272,17 +273,6 @@ def _torch_shape(collection: str, path: tuple[str, ...], shape: tuple[int, ...])
 
 
 # --------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(tmp)` to a temporary name beside `path`, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _import_torch(path: Path):
     try:
         import torch
@@ -300,12 +290,12 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], head: bool = Tru
     if path.suffix == ".pt":
         torch = _import_torch(path)
         tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
-        _atomic_write(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"state_dict": tensors}, str(tmp)))
     elif path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
         meta = {"format": "pt", "producer": "transvw_jax"}
-        _atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(state_dict, str(tmp), metadata=meta))
     else:
         raise CheckpointError(f"{path}: unknown format; use a .pt or .safetensors suffix")
     return path

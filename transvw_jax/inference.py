@@ -80,7 +80,7 @@ def sliding_window(predict: Callable[[jax.Array], jax.Array], volume: np.ndarray
     starts = list(itertools.product(*(window_starts(s, w, overlap) for s, w in zip(padded.shape, window,
                                                                                     strict=True))))
     weight = importance_map(window, blending, sigma_scale)
-    run = jax.jit(lambda x: predict(x))
+    run = jax.jit(predict)
     out = None
     norm = np.zeros(padded.shape, np.float32)
     bar = Progress("inference", len(starts), "windows") if progress else None

@@ -10,7 +10,6 @@ per class. Every file is written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,17 +21,15 @@ from PIL import Image
 
 from transvw_jax import evaluation, inference
 from transvw_jax.data import labeled, volumes
+from transvw_jax.fileio import atomic_write, atomic_write_json
 from transvw_jax.progress import Progress
+from transvw_jax.samples import save_png
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray | None) -> Path:
     """Save an integer mask (X, Y, Z) as uint8 NIfTI with `affine`, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(mask, np.uint8), np.eye(4) if affine is None else affine), str(tmp))
-    os.replace(tmp, path)
-    return path
+    image = nib.Nifti1Image(np.asarray(mask, np.uint8), np.eye(4) if affine is None else affine)
+    return atomic_write(path, lambda tmp: nib.save(image, str(tmp)), suffix=".tmp.nii.gz")
 
 
 def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, scale: int = 3) -> Image.Image:
@@ -46,13 +43,6 @@ def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, scale:
     rgb[p & t] = (230, 230, 0)
     img = Image.fromarray(rgb)
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-
-
-def _save_png(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def segment_cases(predict: Callable[[jax.Array], jax.Array], cases: Sequence[labeled.Case], num_classes: int,
@@ -69,7 +59,7 @@ def segment_cases(predict: Callable[[jax.Array], jax.Array], cases: Sequence[lab
         write_mask(out / "masks" / f"{case.name}.nii.gz", mask, volumes.read_raw(case.image).affine)
         scores = evaluation.dice_iou(mask, truth, num_classes)
         per_case[case.name] = {k: v.tolist() for k, v in scores.items()}
-        _save_png(overlay(image, truth, mask), out / "overlays" / f"{case.name}.png")
+        save_png(overlay(image, truth, mask), out / "overlays" / f"{case.name}.png")
         progress.update()
     summary = {}
     for metric in ("dice", "iou"):
@@ -77,9 +67,5 @@ def segment_cases(predict: Callable[[jax.Array], jax.Array], cases: Sequence[lab
             mean, sd = evaluation.mean_sd([v[metric][c] for v in per_case.values()])
             summary[f"{metric}_class{c}"] = {"mean": mean, "sd": sd}
     report = {"cases": per_case, "summary": summary}
-    path = out / "report.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(out / "report.json", report, indent=1)
     return report

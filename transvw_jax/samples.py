@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from transvw_jax import transforms as T
+from transvw_jax.fileio import atomic_write
 
 LABEL_WIDTH = 110
 
@@ -53,15 +54,7 @@ def render_grid(rows: Sequence[tuple[str, np.ndarray]], slices: Sequence[int] | 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write atomically: a temporary file beside `path`, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def transform_rows(key: jax.Array, cube: np.ndarray, cfg) -> list[tuple[str, np.ndarray]]:

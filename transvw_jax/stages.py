@@ -19,6 +19,7 @@ import ml_collections
 from transvw_jax import checkpointing, discovery, export, parallel, train, transforms
 from transvw_jax.data import synthetic
 from transvw_jax.errors import ConfigError
+from transvw_jax.fileio import atomic_write_json
 from transvw_jax.models import abstract_variables, build_model, init_variables
 
 EXPORT_FORMATS = ("pt", "safetensors")
@@ -60,13 +61,7 @@ def pretrain_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
         report = {"step": summary.step, "stopped_early": summary.stopped_early,
                   "last_train": summary.last_train, "best_eval": summary.best_eval,
                   "best_step": summary.best_step}
-        _atomic_json(workdir / "pretrain_summary.json", report)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+        atomic_write_json(workdir / "pretrain_summary.json", report, indent=2)
 
 
 def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -161,11 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """Write the resolved config (file + overrides) to `<workdir>/config.json`, atomically."""
-    path = workdir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(workdir / "config.json", json.loads(config.to_json_best_effort()), indent=2)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:

@@ -42,6 +42,7 @@ OBJECTIVES = {"transvw": "ynet3d", "genesis": "unet3d"}
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
 NUM_TRANSFORMS = len(T.TRANSFORM_NAMES)
+METRICS = ("loss", "rec", "cls", "acc", "grad_norm")  # train-step metrics, in display order
 
 
 class TrainingDiverged(TransVWError):
@@ -241,9 +242,7 @@ def build_steps(
         restoration, _, _ = _forward(model, objective, variables, inp, False)
         return inp, target, restoration, tid
 
-    metric_names = (
-        ("loss", "rec", "cls", "acc", "grad_norm") if objective == "transvw" else ("loss", "rec", "grad_norm")
-    )
+    metric_names = [k for k in METRICS if objective == "transvw" or k not in ("cls", "acc")]
     train = jax.jit(
         train_step,
         donate_argnums=(0, 1),
@@ -253,6 +252,47 @@ def build_steps(
     eval_ = jax.jit(eval_sums, in_shardings=(variables_sharding, batch_sh, rep), out_shardings=rep)
     samples_ = jax.jit(samples, in_shardings=(variables_sharding, batch_sh, rep), out_shardings=rep)
     return Steps(train=train, eval=eval_, samples=samples_)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A model, its optimiser and compiled steps, placed on a mesh: what a run (and the
+    benchmarks, and the tests) set up before the first step."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    mesh: Any
+    steps: Steps
+    like_variables: Any  # ShapeDtypeStructs with their shardings (restore targets)
+    like_state: Any
+
+    def init(self, seed: int) -> tuple[dict, dict]:
+        """Fresh (variables, train state), sharded. The variables are the values of
+        `init_variables` (its compile options apply only to a top-level jit); the reference
+        networks fit on one device before being placed."""
+        var_sh = jax.tree.map(lambda s: s.sharding, self.like_variables)
+        state_sh = jax.tree.map(lambda s: s.sharding, self.like_state)
+        variables = jax.device_put(init_variables(self.model, jax.random.key(seed)), var_sh)
+        state = jax.jit(lambda v: init_train_state(self.tx, v, seed), out_shardings=state_sh)(variables)
+        return variables, state
+
+
+def build_run(config: ml_collections.ConfigDict, mesh) -> Run:
+    """Model, optimiser, shardings and compiled steps for `config` on `mesh`."""
+    model = build_model(config.model)
+    tx = make_optimizer(config.train)
+    abstract_vars = abstract_variables(model)
+    var_sh = parallel.state_shardings(mesh, abstract_vars)
+    abstract_state = jax.eval_shape(lambda v: init_train_state(tx, v, 0), abstract_vars)
+    state_sh = parallel.state_shardings(mesh, abstract_state)
+    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
+
+    def placed(abstract, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+
+    return Run(model=model, tx=tx, mesh=mesh, steps=build_steps(model, tx, config, mesh, var_sh, state_sh),
+               like_variables=placed(abstract_vars, var_sh), like_state=placed(abstract_state, state_sh))
 
 
 def init_train_state(tx, variables, seed: int) -> dict:
@@ -363,16 +403,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"model.num_classes={config.model.num_classes} but the data has {num_classes} "
             f"visual-word classes: set --config.model.num_classes={num_classes}"
         )
-    model = build_model(config.model)
-    tx = make_optimizer(t)
     mesh = parallel.make_mesh(config.parallel.fsdp)
     local = parallel.local_batch_size(t.batch_size)
-
-    abstract_vars = abstract_variables(model)
-    var_sh = parallel.state_shardings(mesh, abstract_vars)
-    abstract_state = jax.eval_shape(lambda v: init_train_state(tx, v, t.seed), abstract_vars)
-    state_sh = parallel.state_shardings(mesh, abstract_state)
-    state_sh["step"] = state_sh["rng"] = parallel.replicated(mesh)
+    run = build_run(config, mesh)
+    steps = run.steps
 
     ckpt = checkpointing.RunCheckpointer(workdir, keep=t.keep_checkpoints)
     start = ckpt.latest_step()
@@ -395,19 +429,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     best_eval, best_step, evals_since_best = None, ckpt.best_step(), 0
     already_stopped = False
     if start is None:
-        # The same values as `init_variables` everywhere (its compile options apply only to a
-        # top-level jit); the reference-size networks fit on one device before being placed.
-        variables = jax.device_put(init_variables(model, jax.random.key(t.seed)), var_sh)
-        state = jax.jit(lambda v: init_train_state(tx, v, t.seed), out_shardings=state_sh)(variables)
+        variables, state = run.init(t.seed)
         start = 0
     else:
-        like_vars = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_vars, var_sh
-        )
-        like_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
-        )
-        variables, state, data_state = ckpt.restore(start, like_vars, like_state)
+        variables, state, data_state = ckpt.restore(start, run.like_variables, run.like_state)
         iterator.set_state(data_state["iterator"])
         best_eval = data_state.get("best_eval")
         evals_since_best = int(data_state.get("evals_since_best", 0))
@@ -418,7 +443,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                          "evaluations); nothing to do", evals_since_best)
             already_stopped = True
 
-    steps = build_steps(model, tx, config, mesh, var_sh, state_sh)
     sharding = parallel.batch_sharding(mesh)
     eval_rng = jax.random.key_data(jax.random.key(t.seed + 1))
     progress = metrics.ProgressLine(t.steps, t.batch_size, start_step=start)
@@ -430,8 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     def flush_pending() -> None:
         nonlocal pending, last_train
-        order = ("loss", "rec", "cls", "acc", "grad_norm")
-        fetched = [(s, {k: float(jax.device_get(m[k])) for k in order if k in m}) for s, m in pending]
+        values = jax.device_get([m for _, m in pending])  # one transfer for all pending steps
+        fetched = [(s, {k: float(v[k]) for k in METRICS if k in v}) for (s, _), v in zip(pending, values,
+                                                                                          strict=True)]
         pending = []
         _finite_or_raise(fetched, last_good, workdir)
         if fetched:

@@ -45,6 +45,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from transvw_jax.errors import DataError
+from transvw_jax.fileio import atomic_write_json
 
 FORMAT = "transvw-visual-words/1"
 MANIFEST = "manifest.json"
@@ -70,12 +71,6 @@ def decode_cubes(cubes: Any) -> Any:
     if cubes.dtype == np.uint16:
         return cubes.astype(np.float32) * np.float32(1.0 / _UINT16_MAX)
     return cubes.astype(np.float32)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass
@@ -172,7 +167,7 @@ class StoreWriter:
             "config": config or {},
             "seeds": seeds or {},
         }
-        _atomic_write_text(self.tmp / MANIFEST, json.dumps(manifest, sort_keys=True) + "\n")
+        atomic_write_json(self.tmp / MANIFEST, manifest, sort_keys=True)
         old = None
         if self.path.exists():
             old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"

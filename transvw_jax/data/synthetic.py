@@ -56,6 +56,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from transvw_jax.fileio import atomic_write
+
 _log = logging.getLogger(__name__)
 
 HU_MIN, HU_MAX = -1024, 3071
@@ -427,14 +429,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     A reader (or an interrupted run) never sees a half-written volume; the temporary name
     starts with a dot so directory scans skip it.
     """
-    tmp = path.with_name(f".{path.name.removesuffix('.nii.gz')}.{os.getpid()}.tmp.nii.gz")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _nifti_gz(array: np.ndarray, spacing: tuple[float, float, float]) -> bytes:

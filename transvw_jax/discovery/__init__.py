@@ -28,6 +28,7 @@ from transvw_jax.data import store as store_lib
 from transvw_jax.data import volumes
 from transvw_jax.discovery import autoencoder, words
 from transvw_jax.errors import ConfigError, DataError
+from transvw_jax.fileio import atomic_write, atomic_write_json
 
 STORE_DIR = "store"
 MODES = ("visual_words", "random")
@@ -106,12 +107,6 @@ def split_patients(count: int, val_fraction: float, seed: int) -> list[str]:
     return [words.VALIDATION if i in val else words.TRAIN for i in range(count)]
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
     """Run self-discovery from `config.discovery` into `workdir`; returns the store path."""
     workdir = Path(workdir)
@@ -137,26 +132,24 @@ def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
         return load_file(paths[i])
 
     splits = split_patients(len(paths), d.val_fraction, d.seed)
+    atomic_write_json(out / "patients.json", {"patients": [str(p) for p in paths], "splits": splits,
+                                              "skipped": [[str(p), why] for p, why in skipped]},
+                      indent=1, sort_keys=True)
     if d.mode == "random":
         del cache
-        _atomic_json(out / "patients.json", {"patients": [str(p) for p in paths], "splits": splits,
-                                             "skipped": [[str(p), why] for p, why in skipped]})
         return _write_store(config, workdir, cube, 1, lambda writer: words.extract_random(
             paths, splits, load, writer, cube, d.words, d.seed))
     variables = autoencoder.train_autoencoder(cache, d.autoencoder, out / "autoencoder")
     embeddings = autoencoder.embed(cache, variables, d.autoencoder.width)
     del cache
-    np.save(out / ".embeddings.tmp.npy", embeddings)
-    os.replace(out / ".embeddings.tmp.npy", out / "embeddings.npy")
-    _atomic_json(out / "patients.json", {"patients": [str(p) for p in paths], "splits": splits,
-                                         "skipped": [[str(p), why] for p, why in skipped]})
+    atomic_write(out / "embeddings.npy", lambda tmp: np.save(tmp, embeddings), suffix=".tmp.npy")
 
     plan = words.plan_words(embeddings, splits, load, config.model.num_classes, cube, d.words, d.seed)
-    _atomic_json(out / "plan.json", {
+    atomic_write_json(out / "plan.json", {
         "references": plan.references.tolist(),
         "coordinates": plan.coordinates.tolist(),
         "neighbours": {k: v.tolist() for k, v in plan.neighbours.items()},
-    })
+    }, indent=1, sort_keys=True)
     return _write_store(config, workdir, cube, config.model.num_classes,
                         lambda writer: words.extract(plan, paths, load, writer, cube))
 

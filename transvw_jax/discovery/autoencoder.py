@@ -48,12 +48,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def build_cache(files: Sequence[Path], load: Callable[[Path], np.ndarray], size: Sequence[int],
                 path: Path) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """Resize each usable volume to `size` into a memory-mapped float16 array at `path`.
