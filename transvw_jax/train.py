@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -392,34 +393,45 @@ class Summary:
     variables: Any = None  # the final {"params", "batch_stats"} (sharded jax arrays)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Summary:
-    """Pretrain per `config` in `workdir`, resuming from the latest checkpoint there."""
-    workdir = Path(workdir)
-    validate_config(config)
-    t = config.train
-    train_src, val_src, num_classes = open_sources(config, workdir)
-    if t.objective == "transvw" and config.model.num_classes != num_classes:
-        raise ConfigError(
-            f"model.num_classes={config.model.num_classes} but the data has {num_classes} "
-            f"visual-word classes: set --config.model.num_classes={num_classes}"
-        )
-    mesh = parallel.make_mesh(config.parallel.fsdp)
-    local = parallel.local_batch_size(t.batch_size)
-    run = build_run(config, mesh)
-    steps = run.steps
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What the training loop needs from an objective: pretraining and fine-tuning both
+    hand one to `fit`, which owns the loop, checkpoints, early stopping and metrics.
 
+    `evaluate(variables)` runs a whole validation pass and returns host floats including
+    "loss" (lower is better: the best checkpoint and early stopping follow it).
+    `write_samples(variables, step, write)` draws a PNG (every process calls it; `write`
+    is true on process 0 only), or None.
+    """
+
+    name: str  # for log lines: "pretrain", "finetune"
+    run: Run
+    train_source: Any
+    init: Callable[[], tuple[dict, dict]]  # fresh (variables, train state), sharded
+    evaluate: Callable[[Any], dict[str, float]]
+    metric_names: tuple[str, ...]
+    write_samples: Callable[[Any, int, bool], None] | None = None
+
+
+def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+        workdir: str | Path) -> Summary:
+    """Train `task` for `t.steps` steps in `workdir`, resuming from its latest checkpoint.
+
+    Uses from `t`: batch_size, steps, seed, log_every, eval_every, checkpoint_every,
+    keep_checkpoints, sample_every, patience; from `data`: num_threads, prefetch.
+    """
+    workdir = Path(workdir)
+    run = task.run
+    local = parallel.local_batch_size(t.batch_size)
     ckpt = checkpointing.RunCheckpointer(workdir, keep=t.keep_checkpoints)
     start = ckpt.latest_step()
-    if len(val_src) == 0:
-        raise ConfigError("the data has no validation cubes (evaluation, early stopping and the best "
-                          "checkpoint need them): set discovery.val_fraction > 0 and discover again")
     try:
         dataset = loader.train_dataset(
-            train_src,
+            task.train_source,
             batch_size=local,
             seed=t.seed,
-            num_threads=config.data.num_threads,
-            prefetch=config.data.prefetch,
+            num_threads=data.num_threads,
+            prefetch=data.prefetch,
         )
     except ValueError as e:
         raise ConfigError(f"train.batch_size={t.batch_size}: {e}") from None
@@ -429,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     best_eval, best_step, evals_since_best = None, ckpt.best_step(), 0
     already_stopped = False
     if start is None:
-        variables, state = run.init(t.seed)
+        variables, state = task.init()
         start = 0
     else:
         variables, state, data_state = ckpt.restore(start, run.like_variables, run.like_state)
@@ -437,26 +449,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         best_eval = data_state.get("best_eval")
         evals_since_best = int(data_state.get("evals_since_best", 0))
         writer.truncate_after(start)
-        logging.info("pretrain: resumed from %s/%d", checkpointing.checkpoint_dir(workdir), start)
+        logging.info("%s: resumed from %s/%d", task.name, checkpointing.checkpoint_dir(workdir), start)
         if t.patience and evals_since_best >= t.patience:
-            logging.info("pretrain: the run had already stopped early (no better validation loss in %d "
-                         "evaluations); nothing to do", evals_since_best)
+            logging.info("%s: the run had already stopped early (no better validation loss in %d "
+                         "evaluations); nothing to do", task.name, evals_since_best)
             already_stopped = True
 
-    sharding = parallel.batch_sharding(mesh)
-    eval_rng = jax.random.key_data(jax.random.key(t.seed + 1))
+    sharding = parallel.batch_sharding(run.mesh)
     progress = metrics.ProgressLine(t.steps, t.batch_size, start_step=start)
     pending: list[tuple[int, dict]] = []
     last_good = start if start else None
     last_train: dict[str, float] = {}
     stopped_early = already_stopped
-    sample_batch = None
 
     def flush_pending() -> None:
         nonlocal pending, last_train
         values = jax.device_get([m for _, m in pending])  # one transfer for all pending steps
-        fetched = [(s, {k: float(v[k]) for k in METRICS if k in v}) for (s, _), v in zip(pending, values,
-                                                                                          strict=True)]
+        fetched = [(s, {k: float(v[k]) for k in task.metric_names if k in v})
+                   for (s, _), v in zip(pending, values, strict=True)]
         pending = []
         _finite_or_raise(fetched, last_good, workdir)
         if fetched:
@@ -465,32 +475,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     step = start
     try:
         while step < t.steps and not already_stopped:
-            local_batch = next(iterator)
-            batch = parallel.global_batch(local_batch, sharding)
-            variables, state, m = steps.train(variables, state, batch)
+            batch = parallel.global_batch(next(iterator), sharding)
+            variables, state, m = run.steps.train(variables, state, batch)
             step += 1
             pending.append((step, m))
             if step % t.log_every == 0 or step == t.steps:
                 flush_pending()
                 progress.update(step, last_train)
                 writer.write(step, "train", last_train)
-            if t.sample_every and (step % t.sample_every == 0 or step == t.steps):
-                # every process runs the (sharded) computation; process 0 writes the PNG
-                sample_batch = sample_batch or _first_val_batch(val_src, local, config)
-                _write_samples(
-                    steps,
-                    variables,
-                    sample_batch,
-                    sharding,
-                    eval_rng,
-                    workdir,
-                    step,
-                    t.objective,
-                    write=is_main,
-                )
+            if task.write_samples and t.sample_every and (step % t.sample_every == 0 or step == t.steps):
+                task.write_samples(variables, step, is_main)
             if step % t.eval_every == 0 or step == t.steps:
                 flush_pending()
-                ev = _evaluate(steps, variables, val_src, config, mesh, eval_rng)
+                ev = task.evaluate(variables)
                 writer.write(step, "eval", ev)
                 logging.info("eval step %d: %s", step, " ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                 if best_eval is None or ev["loss"] < best_eval["loss"]:
@@ -499,24 +496,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 else:
                     evals_since_best += 1
                 if t.patience and evals_since_best >= t.patience:
-                    logging.info(
-                        "pretrain: no better validation loss in %d evaluations: stopping at step %d",
-                        evals_since_best,
-                        step,
-                    )
+                    logging.info("%s: no better validation loss in %d evaluations: stopping at step %d",
+                                 task.name, evals_since_best, step)
                     stopped_early = True
             if step % t.checkpoint_every == 0 or step == t.steps or stopped_early:
                 flush_pending()
-                ckpt.save(
-                    step,
-                    variables,
-                    state,
-                    {
-                        "iterator": iterator.get_state(),
-                        "best_eval": best_eval,
-                        "evals_since_best": evals_since_best,
-                    },
-                )
+                ckpt.save(step, variables, state, {"iterator": iterator.get_state(), "best_eval": best_eval,
+                                                   "evals_since_best": evals_since_best})
                 last_good = step
             if stopped_early:
                 break
@@ -533,6 +519,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         checkpoint_dir=checkpointing.checkpoint_dir(workdir),
         variables=variables,
     )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Summary:
+    """Pretrain per `config` in `workdir`, resuming from the latest checkpoint there."""
+    workdir = Path(workdir)
+    validate_config(config)
+    t = config.train
+    train_src, val_src, num_classes = open_sources(config, workdir)
+    if t.objective == "transvw" and config.model.num_classes != num_classes:
+        raise ConfigError(
+            f"model.num_classes={config.model.num_classes} but the data has {num_classes} "
+            f"visual-word classes: set --config.model.num_classes={num_classes}"
+        )
+    if len(val_src) == 0:
+        raise ConfigError("the data has no validation cubes (evaluation, early stopping and the best "
+                          "checkpoint need them): set discovery.val_fraction > 0 and discover again")
+    mesh = parallel.make_mesh(config.parallel.fsdp)
+    run = build_run(config, mesh)
+    local = parallel.local_batch_size(t.batch_size)
+    sharding = parallel.batch_sharding(mesh)
+    eval_rng = jax.random.key_data(jax.random.key(t.seed + 1))
+    sample_batch = []
+
+    def write_samples(variables, step: int, write: bool) -> None:
+        if not sample_batch:
+            sample_batch.append(_first_val_batch(val_src, local, config))
+        _write_samples(run.steps, variables, sample_batch[0], sharding, eval_rng, workdir, step, t.objective,
+                       write=write)
+
+    task = Task(
+        name="pretrain",
+        run=run,
+        train_source=train_src,
+        init=lambda: run.init(t.seed),
+        evaluate=lambda variables: _evaluate(run.steps, variables, val_src, config, mesh, eval_rng),
+        metric_names=tuple(k for k in METRICS if t.objective == "transvw" or k not in ("cls", "acc")),
+        write_samples=write_samples,
+    )
+    return fit(task, t, config.data, workdir)
 
 
 def _first_val_batch(val_src, local: int, config) -> dict[str, np.ndarray]:

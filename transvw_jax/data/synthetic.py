@@ -46,8 +46,10 @@ phantom takes well under a second.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -55,8 +57,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
-from transvw_jax.fileio import atomic_write
+from transvw_jax.fileio import atomic_write, atomic_write_json, atomic_write_text
 
 _log = logging.getLogger(__name__)
 
@@ -476,3 +479,127 @@ def write_phantoms(directory: str | os.PathLike, count: int, *, shape: Sequence[
             _log.debug("wrote %s", mask_path)
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------- labeled dataset
+
+# Negatives are drawn from lung parenchyma, found from the HU values because make_phantom does
+# not return its lung mask: a 3x3x3 mean first (so per-voxel noise does not punch holes in the
+# mask), then one erosion (so the one-voxel rings that the mean makes at air/tissue steps,
+# e.g. around the airway lumen or the skin, are dropped).
+_NEGATIVE_HU = (-900.0, -600.0)
+_NEGATIVE_MARGIN = 3          # negatives lie more than this many voxels (chessboard) from a nodule
+
+
+def _nodule_centres(nodules: np.ndarray) -> list[tuple[int, int, int]]:
+    """One voxel per connected nodule: its rounded centre of mass, snapped to the nearest voxel
+    of the nodule when rounding (or a non-convex union of overlapping spheres) leaves it.
+
+    26-connectivity, so a small sphere digitised into diagonal-only contacts stays one nodule.
+    """
+    labels, n = ndimage.label(nodules > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    centres = []
+    for k in range(1, n + 1):
+        com = np.array(ndimage.center_of_mass(labels == k))
+        c = np.clip(np.rint(com).astype(np.int64), 0, np.array(nodules.shape) - 1)
+        if labels[tuple(c)] != k:
+            voxels = np.argwhere(labels == k)
+            c = voxels[np.argmin(((voxels - com) ** 2).sum(axis=1))]
+        centres.append(tuple(int(x) for x in c))
+    return centres
+
+
+def _negative_centres(ph: Phantom, count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """`count` distinct voxels of lung parenchyma at least _NEGATIVE_MARGIN voxels from any nodule.
+
+    The region narrows step by step only as far as the volume allows (the large pieces of
+    eroded lung -> lung -> anything clear of nodules), so tiny test shapes still get
+    negatives; a negative is never inside a nodule.
+    """
+    if count <= 0:
+        return []
+    if ph.nodules.any():
+        clear = ~ndimage.binary_dilation(ph.nodules > 0, structure=np.ones((3, 3, 3), dtype=bool),
+                                         iterations=_NEGATIVE_MARGIN)
+    else:
+        clear = np.ones(ph.nodules.shape, dtype=bool)
+    mean = ndimage.uniform_filter(ph.hu.astype(np.float32), size=3, mode="nearest")
+    lung = (mean > _NEGATIVE_HU[0]) & (mean < _NEGATIVE_HU[1])
+    parenchyma = ndimage.binary_erosion(lung)
+    # the two lungs are by far the largest pieces; stray voxels at other air edges are dropped
+    pieces, n = ndimage.label(parenchyma)
+    if n > 1:
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        parenchyma = sizes[pieces] >= 0.1 * sizes.max()
+    region = np.zeros_like(clear)
+    for candidate in (parenchyma & clear, lung & clear, clear, ph.nodules == 0):
+        if candidate.any():
+            region = candidate
+            break
+    flat = np.flatnonzero(region)
+    if flat.size == 0:
+        return []
+    picks = rng.choice(flat.size, size=min(count, flat.size), replace=False)
+    return [tuple(int(x) for x in np.unravel_index(flat[j], region.shape)) for j in picks]
+
+
+def write_labeled_dataset(directory: str | os.PathLike, count: int, *, shape: Sequence[int] = (128, 128, 64),
+                          seed: int = 0, spacing: Sequence[float] = (2.5, 2.5, 5.0),
+                          negatives_per_case: int = 2) -> Path:
+    """Write phantoms 0..count-1 as an nnU-Net v2 raw dataset plus a candidate CSV.
+
+    Fine-tuning demos and tests need labeled data with known ground truth and no download:
+    this gives both downstream tasks the embedded phantoms support, nodule segmentation
+    (`imagesTr/`, `labelsTr/`, `dataset.json`, read by `labeled.read_nnunet`) and nodule
+    false-positive reduction (`candidates.csv`, read by `labeled.read_candidates`).
+
+    Layout:
+      imagesTr/phantom_{i:04d}_0000.nii.gz: int16 HU, the same bytes `write_phantoms` writes.
+      labelsTr/phantom_{i:04d}.nii.gz: uint8, 1 inside nodules, same affine diag(spacing, 1).
+      dataset.json: channel "CT", labels background 0 / nodule 1.
+      candidates.csv: `volume,x,y,z,label`, volume relative to `directory`, x, y, z voxel
+        indices of the canonical array (= `make_phantom(i).hu`, since the affine is RAS+).
+        Label 1: the centre of every connected nodule (a phantom may have none). Label 0:
+        `negatives_per_case` lung voxels at least a few voxels from any nodule, drawn with a
+        generator seeded by (seed, index), so they are reproducible.
+
+    Every file is written atomically and the same arguments give byte-identical files.
+    Files of a previous, larger dataset in `directory` are not removed.
+
+    Returns:
+      `directory`.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if negatives_per_case < 0:
+        raise ValueError(f"negatives_per_case must be >= 0, got {negatives_per_case}")
+    directory = Path(directory)
+    (directory / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (directory / "labelsTr").mkdir(exist_ok=True)
+    rows: list[tuple[str, int, int, int, int]] = []
+    for i in range(count):
+        ph = make_phantom(i, shape=shape, seed=seed, spacing=spacing)
+        image = f"imagesTr/phantom_{i:04d}_0000.nii.gz"
+        _write_atomic(directory / image, _nifti_gz(ph.hu, ph.spacing))
+        _write_atomic(directory / "labelsTr" / f"phantom_{i:04d}.nii.gz", _nifti_gz(ph.nodules, ph.spacing))
+        _log.debug("wrote case %s", image)
+        rows.extend((image, *c, 1) for c in _nodule_centres(ph.nodules))
+        # a stream of its own (third key), so it does not repeat make_phantom's draws
+        rng = np.random.default_rng([seed, i, 1])
+        rows.extend((image, *c, 0) for c in _negative_centres(ph, negatives_per_case, rng))
+    atomic_write_json(directory / "dataset.json", {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "nodule": 1},
+        "numTraining": count,
+        "file_ending": ".nii.gz",
+        "name": "phantom_nodules",
+        "description": "Synthetic chest-CT phantoms (transvw_jax.data.synthetic) with nodule masks; "
+                       "toy data for fine-tuning demos and tests, not for any clinical claim.",
+    }, indent=2)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["volume", "x", "y", "z", "label"])
+    writer.writerows(rows)
+    atomic_write_text(directory / "candidates.csv", buf.getvalue())
+    return directory
