@@ -174,3 +174,37 @@ class RunCheckpointer:
     def close(self) -> None:
         self._latest.close()
         self._best.close()
+
+
+def read_stored_variables(workdir: str | os.PathLike) -> tuple[Path, int, dict] | None:
+    """The variables of a run's best checkpoint (else its latest), whatever model wrote them.
+
+    For fine-tuning from a pretraining workdir without knowing its model config: the
+    stored shapes come from the checkpoint's metadata, and the arrays are read onto the
+    first local device (the caller picks what it needs and places it).
+
+    Returns:
+      (checkpoint directory, step, {"params", "batch_stats"}), or None when `workdir` holds
+      neither `best/` nor `checkpoints/` with a complete step.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    for directory in (best_dir(workdir), checkpoint_dir(workdir)):
+        if not directory.is_dir():
+            continue
+        with _manager(directory) as mngr:
+            step = mngr.latest_step()
+            if step is None:
+                continue
+            where = directory / str(step)
+            try:
+                stored = mngr.item_metadata(step)[VARIABLES]
+            except Exception as e:  # noqa: BLE001 - Orbax raises various types
+                raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
+            if stored is None:
+                raise CheckpointError(f"{where}: no '{VARIABLES}' item in this checkpoint")
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                                    dict(getattr(stored, "tree", stored)))
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                **{VARIABLES: ocp.args.StandardRestore(abstract)}))
+            return where, step, jax.device_get(dict(restored[VARIABLES]))
+    return None

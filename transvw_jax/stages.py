@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from transvw_jax import checkpointing, discovery, export, parallel, train, transforms
+from transvw_jax import checkpointing, discovery, export, finetune, parallel, train, transforms
 from transvw_jax.data import synthetic
 from transvw_jax.errors import ConfigError
 from transvw_jax.fileio import atomic_write_json
@@ -49,6 +49,16 @@ def synthesize_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     logging.info("synthesize: wrote %d phantoms of %s voxels to %s", len(paths), tuple(s.shape), out)
 
 
+def synthesize_labeled_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Write labeled phantoms (`config.synthesize_labeled`) as an nnU-Net raw dataset in
+    `<workdir>/labeled`: images, nodule masks, dataset.json and a candidates CSV."""
+    s = config.synthesize_labeled
+    out = workdir / "labeled"
+    synthetic.write_labeled_dataset(out, s.count, shape=tuple(s.shape), seed=s.seed, spacing=tuple(s.spacing))
+    logging.info("synthesize_labeled: wrote %d labeled phantoms of %s voxels to %s", s.count, tuple(s.shape),
+                 out)
+
+
 def discover_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Self-discovery: `config.discovery.volumes_dir` (default `<workdir>/volumes`) -> `<workdir>/store`."""
     discovery.discover(config, workdir)
@@ -62,6 +72,19 @@ def pretrain_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
                   "last_train": summary.last_train, "best_eval": summary.best_eval,
                   "best_step": summary.best_step}
         atomic_write_json(workdir / "pretrain_summary.json", report, indent=2)
+
+
+def finetune_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Fine-tune per `config.finetune` in `<workdir>/<finetune.run_dir>` and evaluate the best weights."""
+    result = finetune.finetune(config, workdir)
+    final = " ".join(f"{k} {v:.4g}" for k, v in result["final"].items())
+    logging.info("finetune: %d steps; validation (best step %s): %s", result["step"], result["best_step"],
+                 final)
+
+
+def label_efficiency_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Fine-tune for every label fraction x init x seed of `config.experiment`; write the table."""
+    finetune.label_efficiency(config, workdir)
 
 
 def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -107,9 +130,12 @@ def _torch_available() -> bool:
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], None]] = {
     "synthesize": _on_process_zero(synthesize_stage),
+    "synthesize_labeled": _on_process_zero(synthesize_labeled_stage),
     "discover": _on_process_zero(discover_stage),
     "pretrain": pretrain_stage,
     "export": _on_process_zero(export_stage),
+    "finetune": finetune_stage,
+    "label_efficiency": label_efficiency_stage,
 }
 
 
@@ -145,11 +171,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.get("train") is None:
             raise ConfigError("stage pretrain needs a config.train section")
         train.validate_config(config)
+    if "synthesize_labeled" in stages:
+        s = config.get("synthesize_labeled")
+        if s is None:
+            raise ConfigError("stage synthesize_labeled needs a config.synthesize_labeled section")
+        if s.count < 2 or len(s.shape) != 3 or any(n < 8 for n in s.shape):
+            raise ConfigError(f"synthesize_labeled: count must be >= 2 and shape 3 sizes >= 8, got "
+                              f"{s.count}, {tuple(s.shape)}")
+    if "finetune" in stages or "label_efficiency" in stages:
+        finetune.validate_config(config)
+    if "label_efficiency" in stages and config.get("experiment") is None:
+        raise ConfigError("stage label_efficiency needs a config.experiment section")
     if "discover" in stages:
         if config.get("discovery") is None:
             raise ConfigError("stage discover needs a config.discovery section")
         discovery.validate_config(config)
-    for fmt in config.export.formats:
+    for fmt in config.get("export", {}).get("formats", ()):
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export.formats: unknown format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
 
@@ -196,6 +233,13 @@ def log_summary(workdir: Path) -> None:
             best = " ".join(f"{k} {v:.4g}" for k, v in r["best_eval"].items() if not k.startswith("rec_"))
             lines.append(f"best validation (step {r['best_step']}): {best}; weights in "
                          f"{checkpointing.best_dir(workdir)}")
+    for path in sorted(workdir.glob("*/finetune_summary.json")):
+        r = json.loads(path.read_text())
+        final = " ".join(f"{k} {v:.4g}" for k, v in r["final"].items())
+        lines.append(f"fine-tuning ({r['task']}, {r['init']}): {r['step']} steps; validation {final}; "
+                     f"report in {path.parent / 'eval'}")
+    if (workdir / "label_efficiency.md").is_file():
+        lines.append(f"label efficiency table: {workdir / 'label_efficiency.md'}")
     exports = sorted((workdir / "export").glob("transvw.*")) if (workdir / "export").is_dir() else []
     if exports:
         lines.append("exported: " + ", ".join(str(p) for p in exports))

@@ -157,7 +157,7 @@ def transform_membership(objective: str, tid: jax.Array) -> jax.Array:
     return jax.nn.one_hot(tid, NUM_TRANSFORMS, dtype=jnp.bool_)
 
 
-def _cube_keys(rng: jax.Array, step: jax.Array, batch: int) -> jax.Array:
+def cube_keys(rng: jax.Array, step: jax.Array, batch: int) -> jax.Array:
     key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
@@ -200,7 +200,7 @@ def build_steps(
         return T.batch_policy(keys, x, tcfg)
 
     def train_step(variables, state, batch):
-        keys = _cube_keys(state["rng"], state["step"], batch["cube"].shape[0])
+        keys = cube_keys(state["rng"], state["step"], batch["cube"].shape[0])
         inp, target, tid = augment(keys, batch["cube"])
         inp = jax.lax.with_sharding_constraint(inp, batch_sh)
 
@@ -222,7 +222,7 @@ def build_steps(
         return {"params": params, "batch_stats": stats}, new_state, out
 
     def eval_sums(variables, batch, rng):
-        keys = _cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
+        keys = cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
         inp, target, tid = augment(keys, batch["cube"])
         restoration, logits, _ = _forward(model, objective, variables, inp, False)
         mse, ce, correct = _loss_parts(restoration, logits, target, batch["label"])
@@ -238,7 +238,7 @@ def build_steps(
         }
 
     def samples(variables, batch, rng):
-        keys = _cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
+        keys = cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
         inp, target, tid = augment(keys, batch["cube"])
         restoration, _, _ = _forward(model, objective, variables, inp, False)
         return inp, target, restoration, tid
@@ -282,6 +282,14 @@ def build_run(config: ml_collections.ConfigDict, mesh) -> Run:
     """Model, optimiser, shardings and compiled steps for `config` on `mesh`."""
     model = build_model(config.model)
     tx = make_optimizer(config.train)
+    return place_run(model, tx, mesh, lambda var_sh, state_sh: build_steps(model, tx, config, mesh, var_sh,
+                                                                           state_sh))
+
+
+def place_run(model, tx: optax.GradientTransformation, mesh,
+              make_steps: Callable[[Any, Any], Steps]) -> Run:
+    """Shardings of `model`'s variables and `tx`'s state on `mesh`, and the steps compiled
+    for them by `make_steps(variables_sharding, train_state_sharding)`."""
     abstract_vars = abstract_variables(model)
     var_sh = parallel.state_shardings(mesh, abstract_vars)
     abstract_state = jax.eval_shape(lambda v: init_train_state(tx, v, 0), abstract_vars)
@@ -292,7 +300,7 @@ def build_run(config: ml_collections.ConfigDict, mesh) -> Run:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
 
-    return Run(model=model, tx=tx, mesh=mesh, steps=build_steps(model, tx, config, mesh, var_sh, state_sh),
+    return Run(model=model, tx=tx, mesh=mesh, steps=make_steps(var_sh, state_sh),
                like_variables=placed(abstract_vars, var_sh), like_state=placed(abstract_state, state_sh))
 
 

@@ -23,7 +23,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
 
     Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
     dtype (float32 | bfloat16), conv_impl (xla3d | depth2d), num_classes (ynet3d,
-    encoder_classifier).
+    encoder_classifier), out_channels and activation (unet3d: sigmoid | none).
 
     Raises:
       ConfigError naming the offending `model.*` key.
@@ -44,7 +44,15 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     if conv_impl not in CONV_IMPLS:
         raise ConfigError(f"model.conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
     kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name], conv_impl=conv_impl)
-    if name != "unet3d":
+    if name == "unet3d":
+        out_channels = cfg.get("out_channels", 1)
+        if not isinstance(out_channels, int) or out_channels < 1:
+            raise ConfigError(f"model.out_channels must be a positive integer, got {out_channels!r}")
+        activation = cfg.get("activation", "sigmoid")
+        if activation not in ("sigmoid", "none"):
+            raise ConfigError(f"model.activation must be 'sigmoid' or 'none', got {activation!r}")
+        kwargs.update(out_channels=out_channels, activation=activation)
+    else:
         num_classes = cfg.get("num_classes", 44)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")

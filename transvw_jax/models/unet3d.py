@@ -143,32 +143,38 @@ class ClassificationHead(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """The Models Genesis 3D U-Net: returns the sigmoid restoration (B, X, Y, Z, out)."""
+    """The Models Genesis 3D U-Net: returns the sigmoid restoration (B, X, Y, Z, out).
+
+    `activation="none"` returns the logits instead (segmentation fine-tuning takes a
+    softmax over classes); the parameters are the same either way.
+    """
 
     out_channels: int = 1
     width: int = 32
     bn: str = "reference"
     dtype: Dtype = jnp.float32
     conv_impl: str = "xla3d"
+    activation: str = "sigmoid"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         _check_input(x)
         x, skips = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl)
         x = _decoder(x, skips, self.width, self.bn, self.dtype, train, self.conv_impl)
-        return OutputTransition(self.out_channels, self.dtype, name="out_tr")(x)
+        return OutputTransition(self.out_channels, self.dtype, self.activation, name="out_tr")(x)
 
 
 class OutputTransition(nn.Module):
-    """Conv3d k=1 -> sigmoid, in float32."""
+    """Conv3d k=1 -> sigmoid (or nothing: logits), in float32."""
 
     out_channels: int
     dtype: Dtype
+    activation: str = "sigmoid"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = Conv3D(self.out_channels, 1, dtype=self.dtype, name="final_conv")(x)
-        return nn.sigmoid(y.astype(jnp.float32))
+        y = Conv3D(self.out_channels, 1, dtype=self.dtype, name="final_conv")(x).astype(jnp.float32)
+        return nn.sigmoid(y) if self.activation == "sigmoid" else y
 
 
 class YNet3D(nn.Module):
