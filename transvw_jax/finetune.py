@@ -284,7 +284,8 @@ def transfer(
     """
     report: dict[str, list[str]] = {"loaded": [], "reinitialised": [], "fresh": []}
     out = {}
-    for collection, tree in fresh.items():
+    for collection in sorted(fresh, key=lambda c: c != "params"):  # parameters first in messages
+        tree = fresh[collection]
         source_flat = flatten_dict(dict(pretrained.get(collection, {})))
         merged = {}
         for path, value in flatten_dict(dict(tree)).items():
