@@ -51,17 +51,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.finetune = finetune.default_config()
     config.finetune.task = "segmentation"
     config.finetune.patch_shape = (32, 32, 16)
+    # The phantoms' nodules are tiny (radius 1-3 voxels, ~0.2% of a patch): half the patches
+    # are centred on one (nnU-Net's default is a third).
+    config.finetune.foreground_fraction = 0.5
     config.finetune.patches_per_case = 32
     config.finetune.val_patches_per_case = 8
     config.finetune.val_fraction = 0.25  # 6 validation, 18 training cases
     config.finetune.pretrained = "runs/demo"
     config.finetune.load = ("encoder", "decoder", "output")
-    config.finetune.train.batch_size = 8
-    # ~4 cubes/s on a 2-core CPU at width 8: 100 steps of 8 patches take ~3.5 min per run.
-    config.finetune.train.steps = 100
-    config.finetune.train.eval_every = 20
-    config.finetune.train.checkpoint_every = 20
-    config.finetune.train.log_every = 20
+    config.finetune.inference.overlap = 0.25
+    # ~3.4 patches/s on a 2-core CPU at width 8: 300 steps of 4 patches take ~6 min per run.
+    # Measured (from scratch, all 18 cases): validation patch Dice 0 up to step 150, 0.68 at 200.
+    config.finetune.train.batch_size = 4
+    config.finetune.train.steps = 300
+    config.finetune.train.eval_every = 50
+    config.finetune.train.checkpoint_every = 50
+    config.finetune.train.log_every = 50
     config.finetune.train.patience = 3
 
     config.experiment = finetune.experiment_config()
@@ -80,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.finetune.val_patches_per_case = 2
         config.finetune.val_fraction = 0.34
         config.finetune.pretrained = "runs/tiny"
+        config.finetune.train.batch_size = 8  # divisible by the 8 simulated devices of the tests
         config.finetune.train.steps = 4
         config.finetune.train.eval_every = 2
         config.finetune.train.checkpoint_every = 2
