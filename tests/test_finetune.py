@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from transvw_jax import checkpointing, export, finetune
+from transvw_jax import checkpointing, evaluation, export, finetune
 from transvw_jax.data import labeled, patches, synthetic
 from transvw_jax.errors import CheckpointError, ConfigError
 from transvw_jax.models import EncoderClassifier, UNet3D, YNet3D, init_variables
@@ -206,7 +206,8 @@ def test_segmentation_run_with_a_frozen_pretrained_encoder(labeled_dir, pretrain
     run_dir = tmp_path / "finetune"
     _, _, final = checkpointing.read_stored_variables(run_dir)  # best/, a trained step
     got, source = flat(final), flat(pretrained_ynet)
-    encoder = [k for k in got if k.startswith("params/down_tr")]
+    encoder = [k for k in got if k.split("/")[1].startswith("down_tr")]
+    assert any(k.startswith("batch_stats/") for k in encoder)  # bn="standard": running statistics too
     for key in encoder:
         np.testing.assert_array_equal(got[key], source[key], err_msg=key)
     assert any(not np.array_equal(got[k], source[k]) for k in got if k.startswith("params/up_tr"))
@@ -232,6 +233,10 @@ def test_segmentation_run_with_a_frozen_pretrained_encoder(labeled_dir, pretrain
     config.finetune.label_fraction = 1.0  # another split in the same run directory
     with pytest.raises(ConfigError, match="split.json: this run was started on another split"):
         finetune.finetune(config, tmp_path)
+    config.finetune.label_fraction = 0.5
+    config.finetune.foreground_fraction = 0.9  # other patches: resuming would mix two runs
+    with pytest.raises(ConfigError, match="started with other finetune.foreground_fraction"):
+        finetune.finetune(config, tmp_path)
 
 
 def test_classification_run_reports_auc(labeled_dir, pretrain_workdir, tmp_path):
@@ -243,7 +248,11 @@ def test_classification_run_reports_auc(labeled_dir, pretrain_workdir, tmp_path)
     report = json.loads((tmp_path / "finetune" / "eval" / "report.json").read_text())
     assert set(report["summary"]) == {"loss", "accuracy", "auc"}
     assert 0.0 <= report["summary"]["auc"] <= 1.0 and set(report["labels"]) == {0, 1}
-    assert len(report["scores"]) == len(report["labels"])
+    split = json.loads((tmp_path / "finetune" / "split.json").read_text())
+    candidates = labeled.read_candidates(labeled_dir / "candidates.csv")
+    val = [c for c in candidates if str(c.volume) in set(split["validation"])]
+    assert report["labels"] == [c.label for c in val]  # every candidate once, padding dropped
+    assert report["summary"]["auc"] == pytest.approx(evaluation.roc_auc(report["scores"], report["labels"]))
     assert result["final"] == report["summary"]
 
 
@@ -253,12 +262,47 @@ def test_classification_run_reports_auc(labeled_dir, pretrain_workdir, tmp_path)
     ("load", ("encoder", "neck"), "finetune.load: unknown part 'neck'"),
     ("label_fraction", 0.0, r"finetune.label_fraction must be in \(0, 1\]"),
     ("patch_shape", (16, 16, 12), "finetune.patch_shape must be 3 positive sizes divisible by 8"),
+    ("normalization", "none", "finetune.normalization: 'none' is not one of"),
 ])
 def test_config_errors_name_the_key(labeled_dir, pretrain_workdir, key, value, message):
     config = tiny_config(labeled_dir, pretrain_workdir)
     config.finetune[key] = value
     with pytest.raises(ConfigError, match=message):
         finetune.validate_config(config)
+
+
+def test_freezing_a_random_encoder_is_refused(labeled_dir, pretrain_workdir):
+    config = tiny_config(labeled_dir, pretrain_workdir, freeze_encoder=True, init="scratch")
+    with pytest.raises(ConfigError, match="freeze_encoder=True needs init='pretrained'"):
+        finetune.validate_config(config)
+
+
+def test_experiment_is_checked_before_any_run(labeled_dir, tmp_path):
+    config = tiny_config(labeled_dir, tmp_path / "no_pretraining")
+    with pytest.raises(CheckpointError, match="no_pretraining: no such pretraining workdir"):
+        finetune.validate_experiment(config)
+    config.finetune.pretrained = str(tmp_path)
+    config.experiment.inits = ("scratch", "imagenet")
+    with pytest.raises(ConfigError, match="experiment.inits: 'imagenet'"):
+        finetune.validate_experiment(config)
+    config.experiment.inits = ("scratch",)
+    config.experiment.metric = "dcie"
+    with pytest.raises(ConfigError, match="experiment.metric: 'dcie'"):
+        finetune.validate_experiment(config)
+    config.experiment.metric = ""
+    config.experiment.seeds = ()
+    with pytest.raises(ConfigError, match="must be non-empty"):
+        finetune.validate_experiment(config)
+
+
+def test_demo_finetune_config_validates(tmp_path):
+    from transvw_jax import stages
+
+    config = demo_finetune.get_config()
+    config.finetune.pretrained = str(tmp_path)
+    stages.validate(config)
+    assert config.finetune.train.steps * config.finetune.train.batch_size >= 1000
+    assert config.model.bn == "standard"
 
 
 def test_classification_config_errors(labeled_dir, pretrain_workdir):

@@ -19,7 +19,7 @@ latest checkpoint), our export or the released PyTorch weights (.pt / .pth /
 output out_tr, head clc_out); an output or head whose shape differs (another class count)
 keeps its fresh initialisation, any other mismatch is an error naming the key. What was
 loaded is written to `<run>/pretrained.json`. `freeze_encoder` trains everything but the
-encoder (a linear probe for classification).
+encoder (for classification: the head's conv, BN and dense train on frozen features).
 
 Defaults follow REFERENCE.md section 5: Adam 1e-3, early stopping with patience 15
 evaluations, 64x64x32 inputs.
@@ -50,6 +50,18 @@ TASKS = ("segmentation", "classification")
 INITS = ("scratch", "pretrained")
 PARTS = {"encoder": "down_tr", "decoder": "up_tr", "output": "out_tr", "head": "clc_out"}
 REINIT_ON_MISMATCH = ("output", "head")  # parts whose shape follows the class count
+NORMALIZATIONS = ("ct", "percentile")  # cached patches are stored in [0, 1] (uint16)
+# A resumed run must have been started with the same values (else its data differs).
+RESUME_SETTINGS = (
+    "task",
+    "patch_shape",
+    "foreground_fraction",
+    "patches_per_case",
+    "normalization",
+    "init",
+    "load",
+    "freeze_encoder",
+)
 DICE_SMOOTH = 1e-5
 
 
@@ -114,6 +126,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("finetune.load: the segmentation model has no visual-word head")
     if f.task == "classification" and not f.candidates_csv:
         raise ConfigError("finetune.candidates_csv is empty: classification needs volume,x,y,z,label rows")
+    if f.freeze_encoder and (f.init != "pretrained" or "encoder" not in f.load):
+        raise ConfigError(
+            "finetune.freeze_encoder=True needs init='pretrained' with 'encoder' in finetune.load "
+            "(else it freezes a random encoder)"
+        )
+    if f.normalization not in NORMALIZATIONS:
+        raise ConfigError(
+            f"finetune.normalization: {f.normalization!r} is not one of {', '.join(NORMALIZATIONS)} "
+            "(fine-tuning patches are cached in [0, 1])"
+        )
     if not 0.0 < f.label_fraction <= 1.0:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {f.label_fraction}")
     if not 0.0 < f.val_fraction < 1.0:
@@ -176,6 +198,7 @@ class Data:
             ds = _labeled_set(f, workdir)
             self.num_classes, self.class_names = ds.num_classes, ds.class_names
             split = labeled.split_cases([c.name for c in ds.cases], f.val_fraction, f.split_seed)
+            _check_split(split, f.val_fraction, "cases")
             used = subset_names(split["train"], f.label_fraction, seed)
             by_name = {c.name: c for c in ds.cases}
             self.val_cases = [by_name[n] for n in split["validation"]]
@@ -183,9 +206,10 @@ class Data:
                 [by_name[n] for n in used] + self.val_cases, ds.num_classes, cache, f.normalization
             )
             train_cached, val_cached = cached[: len(used)], cached[len(used) :]
-            self.train = patches.PatchSource(
-                train_cached, f.patch_shape, len(used) * f.patches_per_case, f.foreground_fraction, seed
-            )
+            # Every training sample is a fresh crop: the source is as long as the run needs
+            # (a pure function of (seed, index), so shuffling and resuming stay exact).
+            length = max(len(used) * f.patches_per_case, f.train.steps * f.train.batch_size)
+            self.train = patches.PatchSource(train_cached, f.patch_shape, length, f.foreground_fraction, seed)
             self.validation = patches.PatchSource(
                 val_cached,
                 f.patch_shape,
@@ -202,7 +226,7 @@ class Data:
                     f"{f.candidates_csv}: labels {labels} outside the {self.num_classes} classes "
                     "of finetune.num_classes"
                 )
-            if self.num_classes < 2:
+            if self.num_classes < 2 or len(labels) < 2:
                 raise ConfigError(
                     f"{f.candidates_csv}: every candidate has label {labels[0]}; "
                     "classification needs two classes or more"
@@ -211,24 +235,50 @@ class Data:
             source = patches.CandidateSource(candidates, f.patch_shape, cache, f.normalization)
             volume_of = [str(c.volume) for c in candidates]
             split = labeled.split_cases(sorted(set(volume_of)), f.val_fraction, f.split_seed)
+            _check_split(split, f.val_fraction, "volumes")
             used = subset_names(split["train"], f.label_fraction, seed)
             keep, val = set(used), set(split["validation"])
             self.train = patches.Subset(source, [i for i, v in enumerate(volume_of) if v in keep])
             self.validation = patches.Subset(source, [i for i, v in enumerate(volume_of) if v in val])
             self.val_cases = []
-        self.split = {"train": used, "train_pool": len(split["train"]), "validation": split["validation"]}
+        settings = json.loads(json.dumps({k: f[k] for k in RESUME_SETTINGS}))  # as split.json holds them
+        self.split = {
+            "train": used,
+            "train_pool": len(split["train"]),
+            "validation": split["validation"],
+            "settings": settings,
+        }
 
     def save_split(self, run_dir: Path) -> None:
-        """Write `<run>/split.json`; a resumed run must find the same split."""
+        """Write `<run>/split.json` (process 0); a resumed run must find the same split and
+        data settings. Every process checks (the workdir is shared), so all fail together."""
         path = run_dir / "split.json"
         if path.is_file():
-            if json.loads(path.read_text()) != self.split:
+            stored = json.loads(path.read_text())
+            if {k: v for k, v in stored.items() if k != "settings"} != {
+                k: v for k, v in self.split.items() if k != "settings"
+            }:
                 raise ConfigError(
                     f"{path}: this run was started on another split (other data, val_fraction, "
                     "split_seed, label_fraction or seed); use a new workdir"
                 )
+            changed = [k for k, v in self.split["settings"].items() if stored.get("settings", {}).get(k) != v]
+            if changed:
+                raise ConfigError(
+                    f"{path}: this run was started with other finetune.{changed[0]}; use a new workdir"
+                )
             return
-        atomic_write_json(path, self.split, indent=1)
+        if jax.process_index() == 0:
+            atomic_write_json(path, self.split, indent=1)
+
+
+def _check_split(split: dict, val_fraction: float, what: str) -> None:
+    if not split["validation"] or not split["train"]:
+        n = len(split["train"]) + len(split["validation"])
+        raise ConfigError(
+            f"finetune.val_fraction={val_fraction} leaves {len(split['train'])} training and "
+            f"{len(split['validation'])} validation {what} of {n}: both need at least one"
+        )
 
 
 # --------------------------------------------------------------------------- model and weights
@@ -396,6 +446,11 @@ def build_steps(
         x = jax.lax.with_sharding_constraint(x, batch_sh)
 
         def loss_fn(params):
+            if frozen:  # no gradient for the encoder: nothing to compute, and grad_norm counts what trains
+                params = {
+                    k: jax.lax.stop_gradient(v) if k.startswith(PARTS["encoder"]) else v
+                    for k, v in params.items()
+                }
             v = {"params": params, "batch_stats": variables["batch_stats"]}
             logits, upd = model.apply(v, x[..., None], train=True, mutable=["batch_stats"])
             if segmentation:
@@ -541,12 +596,22 @@ def finetune(
     run_dir = Path(run_dir) if run_dir else workdir / f.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     data = Data(config, workdir, t.seed)
-    if jax.process_index() == 0:
-        data.save_split(run_dir)
+    data.save_split(run_dir)
     if len(data.train) < t.batch_size:
+        what = "training patches" if f.task == "segmentation" else "training candidates"
         raise ConfigError(
-            f"finetune.train.batch_size={t.batch_size} is larger than the {len(data.train)} "
-            "training patches (finetune.patches_per_case x cases)"
+            f"finetune.train.batch_size={t.batch_size} is larger than the {len(data.train)} {what}"
+        )
+    if len(data.validation) == 0:
+        raise ConfigError(
+            "the validation split has no patches or candidates: raise finetune.val_fraction "
+            "or finetune.val_patches_per_case"
+        )
+    if config.model.get("bn", "reference") == "reference":
+        logging.warning(
+            "finetune: model.bn='reference' normalises with batch statistics at evaluation too, "
+            "so validation and inference figures depend on batch composition; "
+            "model.bn='standard' (running statistics) is batch-independent"
         )
     run = run or build_run(config, data.num_classes)
 
@@ -610,27 +675,37 @@ def final_evaluation(config: ml_collections.ConfigDict, run: train.Run, data: Da
         if jax.process_index() == 0:
             atomic_write_json(out_dir / "report.json", report, indent=1)
         return report["summary"]
-    if jax.process_index() != 0:
-        return {}
-    model = run.model
+    final = {}
+    if jax.process_index() == 0:  # host-side, per case: one process scores, the others wait
+        model = run.model
 
-    def predict_probs(x):
-        return jax.nn.softmax(model.apply(variables, x[..., None], train=False), axis=-1)
+        def predict_probs(v, x):
+            return jax.nn.softmax(model.apply(v, x[..., None], train=False), axis=-1)
 
-    report = predict.segment_cases(
-        predict_probs,
-        data.val_cases,
-        data.num_classes,
-        tuple(f.patch_shape),
-        out_dir,
-        overlap=f.inference.overlap,
-        batch_size=f.inference.batch_size,
-        normalization=f.normalization,
-    )
-    return {k: v["mean"] for k, v in report["summary"].items() if not k.endswith("class0")}
+        report = predict.segment_cases(
+            predict_probs,
+            data.val_cases,
+            data.num_classes,
+            tuple(f.patch_shape),
+            out_dir,
+            overlap=f.inference.overlap,
+            batch_size=f.inference.batch_size,
+            normalization=f.normalization,
+            blending=f.inference.blending,
+            params=variables,
+        )
+        final = {k: v["mean"] for k, v in report["summary"].items() if not k.endswith("class0")}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"finetune final evaluation {run_dir}")
+    return final
 
 
 # --------------------------------------------------------------------------- label efficiency
+
+
+EXPERIMENT_METRICS = {"segmentation": ("dice_class1", "iou_class1"), "classification": ("auc", "accuracy")}
 
 
 def experiment_config() -> ml_collections.ConfigDict:
@@ -642,12 +717,43 @@ def experiment_config() -> ml_collections.ConfigDict:
     return c
 
 
+def validate_experiment(config: ml_collections.ConfigDict) -> None:
+    """Check `config.experiment` before hours of runs: every grid point's config, the metric,
+    and that pretrained weights exist when an init needs them."""
+    e = config.get("experiment")
+    if e is None:
+        raise ConfigError("stage label_efficiency needs a config.experiment section")
+    if not e.label_fractions or not e.inits or not e.seeds:
+        raise ConfigError(
+            "experiment.label_fractions, experiment.inits and experiment.seeds must be non-empty"
+        )
+    for init in e.inits:
+        if init not in INITS:
+            raise ConfigError(f"experiment.inits: {init!r} is not one of {', '.join(INITS)}")
+    for fraction in e.label_fractions:
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"experiment.label_fractions: {fraction} is not in (0, 1]")
+    known = EXPERIMENT_METRICS[config.finetune.task]
+    if e.metric and e.metric not in known and not e.metric.startswith(("dice_class", "iou_class")):
+        raise ConfigError(f"experiment.metric: {e.metric!r} is not one of {', '.join(known)}")
+    if (
+        "pretrained" in e.inits
+        and config.finetune.pretrained
+        and not Path(config.finetune.pretrained).exists()
+    ):
+        raise CheckpointError(
+            f"{config.finetune.pretrained}: no such pretraining workdir or weights file "
+            "(finetune.pretrained; relative paths are from the current directory)"
+        )
+
+
 def label_efficiency(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Fine-tune for every (label fraction, init, seed) of `config.experiment`, each in
     `<workdir>/label_efficiency/<init>_f<fraction>_s<seed>` (finished runs are skipped, an
     interrupted one resumes), and write the table of mean +- sd over seeds to
     `<workdir>/label_efficiency.{json,md}`."""
     workdir = Path(workdir)
+    validate_experiment(config)
     e = config.experiment
     metric = e.metric or ("dice_class1" if config.finetune.task == "segmentation" else "auc")
     results: dict[str, dict] = {}

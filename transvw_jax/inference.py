@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +53,9 @@ def importance_map(window: Sequence[int], mode: str = "gaussian", sigma_scale: f
     return np.maximum(w, 1e-4).astype(np.float32)
 
 
-def sliding_window(predict: Callable[[jax.Array], jax.Array], volume: np.ndarray, window: Sequence[int], *,
+def sliding_window(predict: Callable[..., jax.Array], volume: np.ndarray, window: Sequence[int], *,
                    overlap: float = 0.5, batch_size: int = 4, blending: str = "gaussian",
-                   sigma_scale: float = 0.125, progress: bool = False) -> np.ndarray:
+                   sigma_scale: float = 0.125, progress: bool = False, params: Any = None) -> np.ndarray:
     """Predict a whole volume (X, Y, Z) with a network trained on `window`-sized cubes.
 
     Args:
@@ -65,6 +66,8 @@ def sliding_window(predict: Callable[[jax.Array], jax.Array], volume: np.ndarray
       overlap: fraction of a window shared with its neighbour, in [0, 1).
       batch_size: windows per call (the last batch is padded).
       blending: "gaussian" or "constant".
+      params: when given, `predict(params, cubes)` is called instead, with `params` (e.g. the
+        network's variables) a jit argument rather than constants baked into the program.
 
     Returns:
       (X, Y, Z, C) float32 (C = 1 when `predict` returns no channel axis).
@@ -89,7 +92,8 @@ def sliding_window(predict: Callable[[jax.Array], jax.Array], volume: np.ndarray
         cubes = np.stack([padded[x:x + window[0], y:y + window[1], z:z + window[2]] for x, y, z in chunk])
         if len(chunk) < batch_size:
             cubes = np.concatenate([cubes, np.repeat(cubes[-1:], batch_size - len(chunk), axis=0)])
-        pred = np.asarray(run(jnp.asarray(cubes)), np.float32)
+        args = (jnp.asarray(cubes),) if params is None else (params, jnp.asarray(cubes))
+        pred = np.asarray(run(*args), np.float32)
         if pred.ndim == 4:
             pred = pred[..., None]
         if out is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import nibabel as nib
@@ -45,16 +46,20 @@ def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, scale:
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-def segment_cases(predict: Callable[[jax.Array], jax.Array], cases: Sequence[labeled.Case], num_classes: int,
+def segment_cases(predict: Callable[..., jax.Array], cases: Sequence[labeled.Case], num_classes: int,
                   window: Sequence[int], out: str | os.PathLike, *, overlap: float = 0.5, batch_size: int = 4,
-                  normalization: str = "ct") -> dict:
-    """Predict, save, score and draw every case; returns (and writes) the report."""
+                  normalization: str = "ct", blending: str = "gaussian", params: Any = None) -> dict:
+    """Predict, save, score and draw every case; returns (and writes) the report.
+
+    `predict`, `overlap`, `batch_size`, `blending`, `params`: as in `inference.sliding_window`.
+    """
     out = Path(out)
     per_case = {}
     progress = Progress("segment", len(cases), "cases")
     for case in cases:
         image, truth = labeled.load_case(case, num_classes, normalization)
-        probs = inference.sliding_window(predict, image, window, overlap=overlap, batch_size=batch_size)
+        probs = inference.sliding_window(predict, image, window, overlap=overlap, batch_size=batch_size,
+                                         blending=blending, params=params)
         mask = np.argmax(probs, axis=-1) if probs.shape[-1] > 1 else (probs[..., 0] > 0.5).astype(np.int32)
         write_mask(out / "masks" / f"{case.name}.nii.gz", mask, volumes.read_raw(case.image).affine)
         scores = evaluation.dice_iou(mask, truth, num_classes)

@@ -180,8 +180,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                               f"{s.count}, {tuple(s.shape)}")
     if "finetune" in stages or "label_efficiency" in stages:
         finetune.validate_config(config)
-    if "label_efficiency" in stages and config.get("experiment") is None:
-        raise ConfigError("stage label_efficiency needs a config.experiment section")
+    if "label_efficiency" in stages:
+        finetune.validate_experiment(config)
     if "discover" in stages:
         if config.get("discovery") is None:
             raise ConfigError("stage discover needs a config.discovery section")

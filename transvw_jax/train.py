@@ -442,7 +442,8 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
             prefetch=data.prefetch,
         )
     except ValueError as e:
-        raise ConfigError(f"train.batch_size={t.batch_size}: {e}") from None
+        section = "finetune.train" if task.name == "finetune" else "train"
+        raise ConfigError(f"{section}.batch_size={t.batch_size}: {e}") from None
     iterator = iter(dataset)
     is_main = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, enabled=is_main)

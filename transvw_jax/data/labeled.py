@@ -6,7 +6,9 @@ Layouts read:
   "file_ending", default ".nii.gz"). Only the first channel (`_0000`) is used.
 - plain folders: `images/` and `labels/` holding files of the same names.
 - classification candidates: a CSV with a header `volume,x,y,z,label` (voxel coordinates
-  of the cube centre, as in the nodule false-positive-reduction task).
+  of the cube centre, as in the nodule false-positive-reduction task), indexing the volume
+  as `volumes.load_volume` returns it, i.e. reoriented to RAS+ (LUNA16's candidates.csv is
+  in world millimetres and needs converting first).
 
 Every problem gets one line naming the file: an image without a label, image and label of
 different shapes or affines, non-integer label values, a label value outside dataset.json's

@@ -150,7 +150,10 @@ class CandidateSource:
     """Cubes centred on classification candidates: {"cube": uint16, "label": int32}.
 
     The cubes are cut once (one volume load per volume) into `<cache>/<hash>.cubes.npy`, the
-    hash covering the candidate list, cube size and normalisation.
+    hash covering the candidate list, cube size, normalisation and the volumes' sizes and
+    modification times. Centres index the array as `volumes.load_volume` returns it
+    (reoriented to RAS+), not the file's own voxel order: for LPS files (.mhd, many DICOM
+    conversions) convert world or file-voxel coordinates first.
     """
 
     def __init__(
@@ -164,8 +167,13 @@ class CandidateSource:
             raise DataError("no classification candidates")
         self.patch = tuple(int(p) for p in patch)
         self.labels = np.array([c.label for c in candidates], np.int32)
+        volumes_seen = sorted({c.volume for c in candidates})
+        missing = [v for v in volumes_seen if not v.is_file()]
+        if missing:
+            raise DataError(f"{missing[0]}: no such volume (named by a classification candidate)")
         key = json.dumps(
-            [[str(c.volume), list(c.centre), c.label] for c in candidates] + [list(self.patch), normalization]
+            [[str(c.volume), list(c.centre), c.label] for c in candidates]
+            + [list(self.patch), normalization, _stamp(*volumes_seen)]
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         path = Path(directory) / f"candidates_{digest}.cubes.npy"
