@@ -73,8 +73,8 @@ def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
         return step, dict(restored[VARIABLES])
 
 
-def _check_stored_variables(mngr: ocp.CheckpointManager, step: int, like: Mapping[str, Any]) -> None:
-    """CheckpointError naming the file and key when step's variables cannot become `like`."""
+def _stored_metadata(mngr: ocp.CheckpointManager, step: int) -> tuple[Path, Any]:
+    """(step directory, metadata tree of its variables), or CheckpointError naming it."""
     where = Path(mngr.directory) / str(step)
     try:
         stored = mngr.item_metadata(step)[VARIABLES]
@@ -82,7 +82,13 @@ def _check_stored_variables(mngr: ocp.CheckpointManager, step: int, like: Mappin
         raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
     if stored is None:
         raise CheckpointError(f"{where}: no '{VARIABLES}' item in this checkpoint")
-    _check_shapes(where, getattr(stored, "tree", stored), like)
+    return where, getattr(stored, "tree", stored)
+
+
+def _check_stored_variables(mngr: ocp.CheckpointManager, step: int, like: Mapping[str, Any]) -> None:
+    """CheckpointError naming the file and key when step's variables cannot become `like`."""
+    where, stored = _stored_metadata(mngr, step)
+    _check_shapes(where, stored, like)
 
 
 def _check_shapes(where: Path, stored: Any, like: Mapping[str, Any]) -> None:
@@ -195,15 +201,9 @@ def read_stored_variables(workdir: str | os.PathLike) -> tuple[Path, int, dict] 
             step = mngr.latest_step()
             if step is None:
                 continue
-            where = directory / str(step)
-            try:
-                stored = mngr.item_metadata(step)[VARIABLES]
-            except Exception as e:  # noqa: BLE001 - Orbax raises various types
-                raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from None
-            if stored is None:
-                raise CheckpointError(f"{where}: no '{VARIABLES}' item in this checkpoint")
+            where, stored = _stored_metadata(mngr, step)
             abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
-                                    dict(getattr(stored, "tree", stored)))
+                                    dict(stored))
             restored = mngr.restore(step, args=ocp.args.Composite(
                 **{VARIABLES: ocp.args.StandardRestore(abstract)}))
             return where, step, jax.device_get(dict(restored[VARIABLES]))
