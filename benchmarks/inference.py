@@ -36,14 +36,15 @@ def main() -> None:
     model = UNet3D(width=args.width, bn="standard", dtype=args.dtype)
     variables = init_variables(model, jax.random.key(0))
 
-    def predict(x):
-        return model.apply(variables, x[..., None], train=False)
+    def predict(v, x):  # the weights are a jit argument, as fine-tuning's evaluation passes them
+        return model.apply(v, x[..., None], train=False)
 
     volume = np.random.default_rng(0).random(tuple(args.volume), dtype=np.float32)
     small = volume[: args.window[0], : args.window[1], : args.window[2]]
-    inference.sliding_window(predict, small, args.window, batch_size=args.batch)  # compile
+    inference.sliding_window(predict, small, args.window, batch_size=args.batch, params=variables)  # compile
     t0 = time.perf_counter()
-    out = inference.sliding_window(predict, volume, args.window, overlap=args.overlap, batch_size=args.batch)
+    out = inference.sliding_window(predict, volume, args.window, overlap=args.overlap, batch_size=args.batch,
+                                   params=variables)
     dt = time.perf_counter() - t0
     windows = int(np.prod([len(inference.window_starts(s, w, args.overlap))
                            for s, w in zip(args.volume, args.window, strict=True)]))
