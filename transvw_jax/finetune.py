@@ -28,9 +28,10 @@ evaluations, 64x64x32 inputs.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -145,20 +146,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     shape = tuple(f.patch_shape)
     if len(shape) != 3 or any(not isinstance(s, int) or s <= 0 or s % 8 for s in shape):
         raise ConfigError(f"finetune.patch_shape must be 3 positive sizes divisible by 8, got {shape}")
-    t = f.train
-    for key in ("batch_size", "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        if int(t[key]) < 1:
-            raise ConfigError(f"finetune.train.{key} must be >= 1, got {t[key]}")
-    if t.optimizer not in train.OPTIMIZERS:
-        raise ConfigError(
-            f"finetune.train.optimizer: {t.optimizer!r} is not one of {', '.join(train.OPTIMIZERS)}"
-        )
-    if t.schedule not in train.SCHEDULES:
-        raise ConfigError(
-            f"finetune.train.schedule: {t.schedule!r} is not one of {', '.join(train.SCHEDULES)}"
-        )
-    if not t.learning_rate > 0:
-        raise ConfigError(f"finetune.train.learning_rate must be > 0, got {t.learning_rate}")
+    train.validate_loop_config(f.train, "finetune.train")
 
 
 # --------------------------------------------------------------------------- data
@@ -494,12 +482,11 @@ def build_steps(
         loss, scores = classification_terms(logits, labels)
         return {"loss": loss, "scores": scores, "labels": labels, "mask": batch["mask"]}
 
-    metric_names = ("loss", "ce", "dice", "grad_norm") if segmentation else ("loss", "grad_norm")
     train_jit = jax.jit(
         train_step,
         donate_argnums=(0, 1),
         in_shardings=(var_sh, state_sh, batch_sh),
-        out_shardings=(var_sh, state_sh, {k: rep for k in metric_names}),
+        out_shardings=(var_sh, state_sh, {k: rep for k in metric_names(f.task)}),
     )
     eval_jit = jax.jit(eval_step, in_shardings=(var_sh, batch_sh, rep), out_shardings=rep)
     return train.Steps(train=train_jit, eval=eval_jit, samples=None)
@@ -584,11 +571,12 @@ def finetune(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
     run_dir: str | Path | None = None,
-    run: train.Run | None = None,
+    make_run: Callable[[int], train.Run] | None = None,
 ) -> dict:
     """Fine-tune per `config.finetune` in `run_dir` (default `<workdir>/<finetune.run_dir>`),
     resuming from its latest checkpoint; evaluate the best weights; return the summary
-    (also written to `<run>/finetune_summary.json`)."""
+    (also written to `<run>/finetune_summary.json`). `make_run(num_classes)` supplies the
+    compiled model (default `build_run`; a grid of runs passes a cached one)."""
     validate_config(config)
     workdir = Path(workdir)
     f = config.finetune
@@ -613,7 +601,7 @@ def finetune(
             "so validation and inference figures depend on batch composition; "
             "model.bn='standard' (running statistics) is batch-independent"
         )
-    run = run or build_run(config, data.num_classes)
+    run = (make_run or functools.partial(build_run, config))(data.num_classes)
 
     def init() -> tuple[dict, dict]:
         variables, state = run.init(t.seed)
@@ -636,6 +624,7 @@ def finetune(
 
     task = train.Task(
         name="finetune",
+        config_section="finetune.train",
         run=run,
         train_source=data.train,
         init=init,
@@ -757,7 +746,8 @@ def label_efficiency(config: ml_collections.ConfigDict, workdir: str | Path) -> 
     e = config.experiment
     metric = e.metric or ("dice_class1" if config.finetune.task == "segmentation" else "auc")
     results: dict[str, dict] = {}
-    runs: dict[int, train.Run] = {}
+    # Every grid point has one architecture and optimiser: compile once (by class count).
+    make_run = functools.cache(functools.partial(build_run, config))
     total = len(e.label_fractions) * len(e.inits) * len(e.seeds)
     done = 0
     for fraction in e.label_fractions:
@@ -777,10 +767,7 @@ def label_efficiency(config: ml_collections.ConfigDict, workdir: str | Path) -> 
                     c.finetune.label_fraction = float(fraction)
                     c.finetune.init = init
                     c.finetune.train.seed = int(seed)
-                key = 0  # every run has one architecture: compile once
-                if key not in runs:
-                    runs[key] = build_run(c, Data(c, workdir, seed).num_classes)
-                results[name] = finetune(c, workdir, run_dir, run=runs[key])
+                results[name] = finetune(c, workdir, run_dir, make_run=make_run)
     table = _table(results, e, metric)
     if jax.process_index() == 0:
         atomic_write_json(

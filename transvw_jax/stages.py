@@ -160,24 +160,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             transforms.validate_config(config.transforms)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if "synthesize" in stages:
-        s = config.get("synthesize")
-        if s is None:
-            raise ConfigError("stage synthesize needs a config.synthesize section")
-        if s.count < 1 or len(s.shape) != 3 or any(n < 8 for n in s.shape):
-            raise ConfigError(f"synthesize: count must be >= 1 and shape 3 sizes >= 8, got {s.count}, "
-                              f"{tuple(s.shape)}")
+    for name, min_count in (("synthesize", 1), ("synthesize_labeled", 2)):
+        if name in stages:
+            _validate_synthesis(config, name, min_count)
     if "pretrain" in stages:
         if config.get("train") is None:
             raise ConfigError("stage pretrain needs a config.train section")
         train.validate_config(config)
-    if "synthesize_labeled" in stages:
-        s = config.get("synthesize_labeled")
-        if s is None:
-            raise ConfigError("stage synthesize_labeled needs a config.synthesize_labeled section")
-        if s.count < 2 or len(s.shape) != 3 or any(n < 8 for n in s.shape):
-            raise ConfigError(f"synthesize_labeled: count must be >= 2 and shape 3 sizes >= 8, got "
-                              f"{s.count}, {tuple(s.shape)}")
     if "finetune" in stages or "label_efficiency" in stages:
         finetune.validate_config(config)
     if "label_efficiency" in stages:
@@ -189,6 +178,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for fmt in config.get("export", {}).get("formats", ()):
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export.formats: unknown format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
+
+
+def _validate_synthesis(config: ml_collections.ConfigDict, name: str, min_count: int) -> None:
+    s = config.get(name)
+    if s is None:
+        raise ConfigError(f"stage {name} needs a config.{name} section")
+    if s.count < min_count or len(s.shape) != 3 or any(n < 8 for n in s.shape):
+        raise ConfigError(f"{name}: count must be >= {min_count} and shape 3 sizes >= 8, got {s.count}, "
+                          f"{tuple(s.shape)}")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> Path:

@@ -91,27 +91,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         or (t.objective == "genesis" and config.transforms.policy != "genesis")
     ):
         logging.warning("train.objective=%s with transforms.policy=%s", t.objective, config.transforms.policy)
-    if t.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"train.optimizer: {t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if t.schedule not in SCHEDULES:
-        raise ConfigError(f"train.schedule: {t.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    for key in (
-        "batch_size",
-        "steps",
-        "log_every",
-        "eval_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "decay_every",
-    ):
-        if int(t[key]) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
-    if not t.learning_rate > 0:
-        raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    validate_loop_config(t, "train")
     if t.lambda_rec < 0 or t.lambda_cls < 0:
         raise ConfigError("train.lambda_rec and train.lambda_cls must be >= 0")
     if config.data.source not in ("store", "released"):
         raise ConfigError(f"data.source: {config.data.source!r} is not 'store' or 'released'")
+
+
+def validate_loop_config(t: ml_collections.ConfigDict, section: str) -> None:
+    """The optimiser, schedule and cadence keys `fit` and `make_optimizer` read, named as
+    `<section>.<key>` in errors (pretraining's `train`, fine-tuning's `finetune.train`)."""
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"{section}.optimizer: {t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"{section}.schedule: {t.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    for key in ("batch_size", "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                "decay_every"):
+        if int(t[key]) < 1:
+            raise ConfigError(f"{section}.{key} must be >= 1, got {t[key]}")
+    if not t.learning_rate > 0:
+        raise ConfigError(f"{section}.learning_rate must be > 0, got {t.learning_rate}")
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -413,6 +412,7 @@ class Task:
     """
 
     name: str  # for log lines: "pretrain", "finetune"
+    config_section: str  # where the loop's keys live, for error messages: "train", "finetune.train"
     run: Run
     train_source: Any
     init: Callable[[], tuple[dict, dict]]  # fresh (variables, train state), sharded
@@ -442,8 +442,7 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
             prefetch=data.prefetch,
         )
     except ValueError as e:
-        section = "finetune.train" if task.name == "finetune" else "train"
-        raise ConfigError(f"{section}.batch_size={t.batch_size}: {e}") from None
+        raise ConfigError(f"{task.config_section}.batch_size={t.batch_size}: {e}") from None
     iterator = iter(dataset)
     is_main = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, enabled=is_main)
@@ -559,6 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     task = Task(
         name="pretrain",
+        config_section="train",
         run=run,
         train_source=train_src,
         init=lambda: run.init(t.seed),
