@@ -1,4 +1,4 @@
-"""Throughput of the restoration transforms: jit(vmap) on the default backend vs numpy.
+"""Throughput of the restoration transforms on the default backend (jit-compiled, warm) vs numpy.
 
 The numpy/scipy side is a plain per-cube implementation of the same procedures, written
 here the way the original code does them (a Python loop over shuffle blocks, a 100,000-
@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from scipy import ndimage
 
@@ -121,10 +122,14 @@ def np_genesis(rng, x):
 
 
 # --------------------------------------------------------------------------- cases
-def cases():
+def cases(chunk: int):
+    """(what, batch function (keys, cubes) -> outputs, numpy per-cube function). Single
+    transforms are a jit(vmap) of the per-cube function; the policies run as the train
+    step runs them (`transforms.batch_policy`, all three outputs, `chunk` cubes at a time)."""
     transvw_cfg, genesis_cfg = T.default_config("transvw"), T.default_config("genesis")
+    transvw_cfg.batch_chunk = genesis_cfg.batch_chunk = chunk
     flip_only = lambda k, x: T.flip(k, x, x, 0.4)[0]  # noqa: E731
-    return [
+    single = [
         ("transform/nonlinear", T.nonlinear, np_nonlinear),
         ("transform/local_shuffle_5", functools.partial(T.local_shuffle, num_blocks=5),
          functools.partial(np_local_shuffle, num_blocks=5)),
@@ -136,13 +141,15 @@ def cases():
          functools.partial(np_out_paint, max_extra_blocks=4)),
         ("transform/flip", flip_only, lambda rng, x: np_flip(rng, x, x)[0]),
         ("transform/elastic", T.elastic, np_elastic),
-        ("policy/transvw", lambda k, x: T.transvw(k, x, transvw_cfg)[0], np_transvw),
-        ("policy/genesis", lambda k, x: T.genesis(k, x, genesis_cfg)[0], np_genesis),
+    ]
+    return [(what, jax.vmap(fn), np_fn) for what, fn, np_fn in single] + [
+        ("policy/transvw", functools.partial(T.batch_policy, cfg=transvw_cfg), np_transvw),
+        ("policy/genesis", functools.partial(T.batch_policy, cfg=genesis_cfg), np_genesis),
     ]
 
 
 def time_jax(fn, batch, shape, iters, dtype) -> float:
-    run = jax.jit(jax.vmap(fn))
+    run = jax.jit(fn)
     x = jax.device_put(jnp.asarray(np.random.default_rng(0).random((batch, *shape)), dtype))
     keys = jax.random.split(jax.random.key(0), batch)
     jax.block_until_ready(run(keys, x))  # compile + warm
@@ -174,15 +181,19 @@ def main() -> None:
     p.add_argument("--numpy-cubes", type=int, default=20, help="cubes timed for numpy")
     p.add_argument("--only", default="", help="substring filter on 'what'")
     p.add_argument("--no-numpy", action="store_true")
+    p.add_argument("--chunk", type=int, default=-1,
+                   help="transforms.batch_chunk for the policies: -1 auto (16 on CPU), 0 whole batch")
     args = p.parse_args()
     shape, device = tuple(args.cube), jax.devices()[0].device_kind
     common = {"shape": list(shape), "batch": args.batch, "dtype": args.dtype}
+    chunk = T.resolve_batch_chunk(ml_collections.ConfigDict({"batch_chunk": args.chunk}))
     rates = {}
-    for what, jax_fn, np_fn in cases():
+    for what, jax_fn, np_fn in cases(chunk):
         if args.only not in what:
             continue
         rate = time_jax(jax_fn, args.batch, shape, args.iters, jnp.dtype(args.dtype))
-        print(json.dumps({"what": what, "impl": "jax", **common, "device": device,
+        extra = {"chunk": chunk} if what.startswith("policy/") else {}
+        print(json.dumps({"what": what, "impl": "jax", **common, **extra, "device": device,
                           "cubes_per_s": round(rate, 1)}), flush=True)
         if args.no_numpy:
             continue

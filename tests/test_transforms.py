@@ -408,3 +408,47 @@ def test_elastic_at_points_equals_the_deformed_cube():
     idx = jnp.asarray(np.random.default_rng(0).integers(0, x.size, 300))
     full = np.asarray(T.elastic(key, x)).reshape(-1)[np.asarray(idx)]
     np.testing.assert_allclose(np.asarray(T.elastic_at(key, x, idx)), full, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("policy", ["transvw", "genesis"])
+@pytest.mark.parametrize("chunk, shards", [(2, 1), (3, 1), (2, 2)])
+def test_chunked_batch_equals_one_vmap(policy, chunk, shards):
+    """Chunks (per shard) through a loop give the same outputs as one vmap over the batch;
+    a chunk that does not divide the per-shard batch falls back to the largest divisor."""
+    x = jnp.asarray(np.random.default_rng(3).random((8, *SMALL), dtype=np.float32))
+    whole, chunked = T.default_config(policy), T.default_config(policy)
+    whole.batch_chunk, chunked.batch_chunk = 0, chunk
+    expected = jax.jit(lambda k, x: T.batch_policy(k, x, whole))(keys(8, seed=21), x)
+    got = jax.jit(lambda k, x: T.batch_policy(k, x, chunked, shards=shards))(keys(8, seed=21), x)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=1e-5)
+
+
+def test_batch_chunk_resolves_per_backend():
+    cfg = T.default_config()
+    assert cfg.batch_chunk == -1
+    assert T.resolve_batch_chunk(cfg, "cpu") == T.CPU_BATCH_CHUNK
+    assert T.resolve_batch_chunk(cfg, "gpu") == 0 and T.resolve_batch_chunk(cfg, "tpu") == 0
+    cfg.batch_chunk = 4
+    assert T.resolve_batch_chunk(cfg, "gpu") == 4
+    cfg.batch_chunk = -2
+    with pytest.raises(ValueError, match="transforms.batch_chunk"):
+        T.validate_config(cfg)
+
+
+def test_genesis_target_is_the_policy_target():
+    cfg = T.default_config("genesis")
+    x = jnp.asarray(distinct_cube(SMALL, 6))
+    for key in keys(12, seed=14):
+        np.testing.assert_array_equal(np.asarray(T.genesis_target(key, x, cfg)),
+                                      np.asarray(T.genesis(key, x, cfg)[1]))
+
+
+def test_computed_once_returns_the_function_value():
+    from transvw_jax import cube_ops as C
+
+    x = jnp.arange(12.0).reshape(3, 4)
+    got = jax.jit(lambda k, x: C.computed_once(k, lambda: (x * 2 + 1, x.sum())))(jax.random.key(0), x)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(x * 2 + 1))
+    assert float(got[1]) == 66.0

@@ -47,6 +47,22 @@ def grid(shape):
             jnp.arange(shape[2])[None, None, :])
 
 
+def computed_once(key: jax.Array, fn):
+    """fn(), materialised once instead of re-fused into its consumers.
+
+    XLA fuses cheap elementwise work (hashes, multiply-adds) into every consumer, and into
+    a gather it is recomputed for every element gathered: a per-tile table read by every
+    voxel of its tile is then computed per voxel. Neither `lax.optimization_barrier` nor
+    a one-trip loop stops that on XLA:CPU (the barrier is dropped, the loop unrolled).
+    A while loop whose trip count the compiler cannot know (always 1: it tests a uniform
+    draw of `key` against 2) keeps `fn` in its own computation, evaluated once.
+    """
+    trips = 1 + (jax.random.uniform(key) >= 2.0).astype(jnp.int32)
+    out = jax.eval_shape(fn)
+    init = (jnp.int32(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out))
+    return jax.lax.while_loop(lambda c: c[0] < trips, lambda c: (c[0] + 1, fn()), init)[1]
+
+
 def _mix32(h: jax.Array) -> jax.Array:
     """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~1/2."""
     h = h ^ (h >> 16)

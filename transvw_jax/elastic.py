@@ -37,6 +37,14 @@ def _field_factors(key: jax.Array, shape, alpha: float, sigma: float):
     return core, bx, by, bz
 
 
+def _partial_field(key: jax.Array, shape, alpha: float, sigma: float):
+    """The fields contracted on x and y, (2, X, Y, r_z), and the z basis (Z, r_z): the one
+    draw that `elastic_displacement` and `elastic_at` share to agree, and the step both
+    reuse (XLA computes it once when both are traced on the same key)."""
+    core, bx, by, bz = _field_factors(key, shape, alpha, sigma)
+    return jnp.einsum("fabc,xa,yb->fxyc", core, bx, by), bz
+
+
 def elastic_displacement(key: jax.Array, shape, alpha: float = 991.0, sigma: float = 8.0):
     """The reference's displacement fields for x and y: gaussian_filter(uniform(-1, 1),
     sigma, mode='constant') * alpha, drawn without filtering a full-size noise volume.
@@ -49,13 +57,12 @@ def elastic_displacement(key: jax.Array, shape, alpha: float = 991.0, sigma: flo
     for 64x64x32, sigma 8); C is Gaussian where the reference field is a sum of thousands
     of uniforms, i.e. Gaussian to a very good approximation.
     """
-    core, bx, by, bz = _field_factors(key, shape, alpha, sigma)
     # Contract x and y on the small core first, z last as one matmul whose output is
     # already in (X, Y, Z) order: z has the smallest rank, so the full-size step is the
     # cheapest, and a dot is computed once (written as fused multiply-adds instead,
     # XLA:CPU recomputes the field inside each of the four gathers). Under vmap the
     # matmul absorbs the batch.
-    partial = jnp.einsum("fabc,xa,yb->fxyc", core, bx, by)
+    partial, bz = _partial_field(key, shape, alpha, sigma)
     field = (partial.reshape(-1, bz.shape[1]) @ bz.T).reshape(2, *shape)
     return field[0], field[1]
 
@@ -93,7 +100,10 @@ def elastic_at(key: jax.Array, x: jax.Array, flat_index: jax.Array, alpha: float
     """`elastic(key, x, ...).reshape(-1)[flat_index]` (float32) without deforming the whole
     cube: the fields at just those voxels, from the same low-rank factors."""
     shape = x.shape
-    core, bx, by, bz = _field_factors(key, shape, alpha, sigma)
+    partial, bz = _partial_field(key, shape, alpha, sigma)
     ix, iy, iz = jnp.unravel_index(flat_index, shape)
-    field = jnp.einsum("fabc,...a,...b,...c->f...", core, bx[ix], by[iy], bz[iz])
+    # Unrolled multiply-adds over the few z components: written as a sum (or einsum),
+    # XLA:CPU makes it a batch of tiny dots, which costs more than the products.
+    rows, bz_rows = partial[:, ix, iy, :], bz[iz]
+    field = sum(rows[..., c] * bz_rows[..., c] for c in range(bz.shape[1]))
     return _sample(x, ix + field[0], iy + field[1], iz)

@@ -96,8 +96,9 @@ def _coverage_integral(shape: tuple[int, int, int], num_blocks: int) -> np.ndarr
 
 
 def _segments(key, n: int, kmax: int):
-    """Cut [0, n) into random segments: per coordinate, the start and length of its
-    segment, its offset inside it, and the segment's index.
+    """Cut [0, n) into random segments. Returns (per segment: start, length; per
+    coordinate: its segment's start, length, its offset inside it, the segment's index).
+    Segments past the end have start >= n.
 
     Lengths k in 1..kmax are drawn with P(k) proportional to 1/(n - k + 1): a coordinate
     then lies in a segment of length k with probability proportional to k/(n - k + 1),
@@ -110,57 +111,72 @@ def _segments(key, n: int, kmax: int):
     first = jnp.zeros((n,), jnp.int32).at[starts].add(1, mode="drop")
     seg = jnp.cumsum(first) - 1
     start = starts[seg]
-    return start, jnp.minimum(lengths[seg], n - start), jnp.arange(n) - start, seg
+    return starts, lengths, start, jnp.minimum(lengths[seg], n - start), jnp.arange(n) - start, seg
+
+
+def _tile_grid(n: int, kmax: int) -> int:
+    """Segments per axis given a table entry: the mean segment is ~(kmax + 1) / 2 long, so
+    an axis holds ~2n / (kmax + 1) of them; 1.5x that plus 4 is many standard deviations
+    above (64 voxels, kmax 6: 18 +- 2 segments, 32 entries). Were an axis ever cut
+    into more, the extra segments share the last entry's draws (still a permutation)."""
+    return int(min(n, int(np.ceil(3.0 * n / (kmax + 1))) + 4))
+
+
+def _tile_draws(key, shape, num_blocks, geometry, grid):
+    """Per tile of the grid: 0 when the tile stays, else (multiplier << 16 | 16 random
+    bits). `geometry`: per axis (segment starts, segment lengths)."""
+    k_cover, k_bits = jax.random.split(key)
+    # Mean reference coverage over each tile, from a summed-area table: box sums by
+    # differences along x, then y, then z (separable takes).
+    table = jnp.asarray(_coverage_integral(tuple(shape), num_blocks))
+    lo = [jnp.clip(s[:g], 0, n) for (s, _), g, n in zip(geometry, grid, shape, strict=True)]
+    hi = [jnp.clip(s[:g] + ln[:g], 0, n) for (s, ln), g, n in zip(geometry, grid, shape, strict=True)]
+    box = table[hi[0]] - table[lo[0]]
+    box = box[:, hi[1]] - box[:, lo[1]]
+    box = box[:, :, hi[2]] - box[:, :, lo[2]]
+    size = [jnp.maximum(h - l_, 1).astype(jnp.float32) for h, l_ in zip(hi, lo, strict=True)]
+    coverage = box / (size[0][:, None, None] * size[1][None, :, None] * size[2][None, None, :])
+    tile = jnp.arange(int(np.prod(grid)), dtype=jnp.uint32).reshape(grid)
+    shuffled = C.hash_uniform(k_cover, tile) < coverage
+    bits = C.hash_bits(k_bits, tile)
+    multiplier = jnp.asarray(_PRIMES)[(bits & 15).astype(jnp.int32)]
+    return jnp.where(shuffled, multiplier << 16 | bits >> 16, jnp.uint32(0))
 
 
 def tiled_shuffle_source(key, shape, num_blocks):
     """Source coordinates (three int32 arrays) of every voxel for a many-block shuffle, in
-    a few passes (see `local_shuffle`)."""
-    keys = jax.random.split(key, 5)
+    a few passes (see `local_shuffle`). The per-tile draws are made once per tile (a
+    table of a few thousand entries, `cube_ops.computed_once`), not once per voxel."""
+    keys = jax.random.split(key, 4)
     kmax = _shuffle_sizes_max(shape)
     if np.prod(kmax) * int(_PRIMES.max()) >= 2**22:
         raise ValueError(f"local_shuffle: cube {shape} too large for the tiled shuffle (float32 index "
                          "arithmetic); use cubes up to ~160 voxels per side")
-    (x0, lx, rx, tx), (y0, ly, ry, ty), (z0, lz, rz, tz) = (
-        _segments(k, n, int(m)) for k, n, m in zip(keys[:3], shape, kmax, strict=True)
-    )
-
-    # Mean reference coverage over each voxel's tile, from a summed-area table: box sums
-    # by differences along x, then y, then z (separable takes, no per-voxel gather).
-    table = jnp.asarray(_coverage_integral(tuple(shape), num_blocks))
-    box = table[x0 + lx] - table[x0]
-    box = box[:, y0 + ly] - box[:, y0]
-    box = box[:, :, z0 + lz] - box[:, :, z0]
-    coverage = box / (lx[:, None, None] * ly[None, :, None] * lz[None, None, :])
-    # Per-tile random draws: a hash of the tile's id, evaluated at each of its voxels.
-    tile = C.flat_index(shape, tx[:, None, None], ty[None, :, None], tz[None, None, :])
-    shuffled = C.hash_uniform(keys[3], tile) < coverage
-    bits = C.hash_bits(keys[4], tile)
-    # Integer division is scalar on x86 (no SIMD form); these small non-negative integers
-    # are exact in float32, so quotients and remainders are computed in floating point.
+    segments = [_segments(k, n, int(m)) for k, n, m in zip(keys[:3], shape, kmax, strict=True)]
+    grid = tuple(_tile_grid(n, int(m)) for n, m in zip(shape, kmax, strict=True))
+    geometry = [(s[0], s[1]) for s in segments]
+    draws = C.computed_once(keys[3], lambda: _tile_draws(keys[3], shape, num_blocks, geometry, grid))
+    (x0, lx, rx, tx), (y0, ly, ry, ty), (z0, lz, rz, tz) = (s[2:] for s in segments)
+    tx, ty, tz = (jnp.minimum(t, g - 1) for t, g in zip((tx, ty, tz), grid, strict=True))
+    d = draws.reshape(-1)[C.flat_index(grid, tx[:, None, None], ty[None, :, None], tz[None, None, :])]
+    # Integer division is scalar on x86 (no SIMD form) and float division slow: these
+    # small non-negative integers are exact in float32, so quotients are floor((a + 0.5)
+    # * (1 / b)): the +0.5 keeps a / b at least 0.5 / b from an integer, far beyond the
+    # rounding of the reciprocal (a < 2^22).
     x0, lx, rx = (a[:, None, None].astype(jnp.float32) for a in (x0, lx, rx))
     y0, ly, ry = (a[None, :, None].astype(jnp.float32) for a in (y0, ly, ry))
     z0, lz, rz = (a[None, None, :].astype(jnp.float32) for a in (z0, lz, rz))
     volume = lx * ly * lz
     local = (rx * ly + ry) * lz + rz
-    offset = jnp.floor((bits >> 8).astype(jnp.float32) * np.float32(2.0**-24) * volume)
-    multiplier = jnp.asarray(_PRIMES.astype(np.float32))[(bits & 15).astype(jnp.int32)]
-    src = _mod(multiplier * local + offset, volume)
-    sx = _div(src, ly * lz)
-    sy = _mod(_div(src, lz), ly)
-    sz = _mod(src, lz)
-    return tuple(jnp.where(shuffled, (o + d).astype(jnp.int32), g)
-                 for o, d, g in zip((x0, y0, z0), (sx, sy, sz), C.grid(shape), strict=True))
-
-
-def _div(a: jax.Array, b: jax.Array) -> jax.Array:
-    """floor(a / b) for non-negative integers held exactly in float32 (a, b < 2^22):
-    the +0.5 keeps the quotient at least 0.5/b away from an integer, far beyond rounding."""
-    return jnp.floor((a + 0.5) / b)
-
-
-def _mod(a: jax.Array, b: jax.Array) -> jax.Array:
-    return a - b * _div(a, b)
+    offset = jnp.floor((d & 0xFFFF).astype(jnp.float32) * np.float32(2.0**-16) * volume)
+    t = (d >> 16).astype(jnp.float32) * local + offset
+    src = t - volume * jnp.floor((t + 0.5) * ((1.0 / lx) * (1.0 / ly) * (1.0 / lz)))
+    q = jnp.floor((src + 0.5) * (1.0 / lz))
+    sz = src - lz * q
+    sx = jnp.floor((q + 0.5) * (1.0 / ly))
+    sy = q - ly * sx
+    return tuple(jnp.where(d != 0, (o + s).astype(jnp.int32), g)
+                 for o, s, g in zip((x0, y0, z0), (sx, sy, sz), C.grid(shape), strict=True))
 
 
 def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int) -> jax.Array:

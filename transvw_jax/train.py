@@ -196,7 +196,7 @@ def build_steps(
 
     def augment(keys, cube):
         x = store.decode_cubes(cube)
-        return T.batch_policy(keys, x, tcfg)
+        return T.batch_policy(keys, x, tcfg, shards=mesh.size)
 
     def train_step(variables, state, batch):
         keys = cube_keys(state["rng"], state["step"], batch["cube"].shape[0])
