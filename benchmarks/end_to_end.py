@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from train_step import real_config  # the same step config as train_step.py (same folder)
 
-from transvw_jax import parallel, train
+from transvw_jax import hostenv, parallel, train
 from transvw_jax.data import loader, store
 
 
@@ -151,4 +151,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
     main()

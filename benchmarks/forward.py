@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transvw_jax import export
+from transvw_jax import export, hostenv
 from transvw_jax.models import build_model, init_variables
 
 
@@ -113,5 +113,6 @@ def torch_timer(args, variables, x):
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
     jnp.zeros(())  # initialise the backend before timing anything
     main()

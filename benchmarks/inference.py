@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from transvw_jax import inference
+from transvw_jax import hostenv, inference
 from transvw_jax.models import UNet3D, init_variables
 
 
@@ -58,4 +58,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
     main()

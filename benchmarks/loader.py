@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transvw_jax import hostenv
 from transvw_jax.data import loader, store
 
 
@@ -140,4 +141,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
     main()

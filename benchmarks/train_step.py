@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from transvw_jax import export, parallel, train
+from transvw_jax import export, hostenv, parallel, train
 from transvw_jax import transforms as T
 from transvw_jax.models import build_model, init_variables
 from transvw_jax.models.layers import conv3d_same
@@ -402,5 +402,6 @@ def main_layers(args) -> None:
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
     arguments = parse_args()
     main_layers(arguments) if arguments.layers else main_step(arguments)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 
 import jax
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
+from transvw_jax import hostenv
 from transvw_jax import transforms as T
 
 
@@ -182,17 +184,20 @@ def main() -> None:
     p.add_argument("--only", default="", help="substring filter on 'what'")
     p.add_argument("--no-numpy", action="store_true")
     p.add_argument("--chunk", type=int, default=-1,
-                   help="transforms.batch_chunk for the policies: -1 auto (16 on CPU), 0 whole batch")
+                   help="transforms.batch_chunk for the policies: -1 auto (CPU: TransVW 16, Genesis "
+                        "whole batch), 0 whole batch")
     args = p.parse_args()
     shape, device = tuple(args.cube), jax.devices()[0].device_kind
-    common = {"shape": list(shape), "batch": args.batch, "dtype": args.dtype}
-    chunk = T.resolve_batch_chunk(ml_collections.ConfigDict({"batch_chunk": args.chunk}))
+    common = {"shape": list(shape), "batch": args.batch, "dtype": args.dtype,
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    chunks = {p: T.resolve_batch_chunk(ml_collections.ConfigDict({"batch_chunk": args.chunk, "policy": p}))
+              for p in T.POLICIES}
     rates = {}
-    for what, jax_fn, np_fn in cases(chunk):
+    for what, jax_fn, np_fn in cases(args.chunk):
         if args.only not in what:
             continue
         rate = time_jax(jax_fn, args.batch, shape, args.iters, jnp.dtype(args.dtype))
-        extra = {"chunk": chunk} if what.startswith("policy/") else {}
+        extra = {"chunk": chunks[what.split("/")[1]]} if what.startswith("policy/") else {}
         print(json.dumps({"what": what, "impl": "jax", **common, **extra, "device": device,
                           "cubes_per_s": round(rate, 1)}), flush=True)
         if args.no_numpy:
@@ -208,4 +213,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
     main()

@@ -428,7 +428,8 @@ def test_chunked_batch_equals_one_vmap(policy, chunk, shards):
 def test_batch_chunk_resolves_per_backend():
     cfg = T.default_config()
     assert cfg.batch_chunk == -1
-    assert T.resolve_batch_chunk(cfg, "cpu") == T.CPU_BATCH_CHUNK
+    assert T.resolve_batch_chunk(cfg, "cpu") == T.CPU_BATCH_CHUNK["transvw"] == 16
+    assert T.resolve_batch_chunk(T.default_config("genesis"), "cpu") == T.CPU_BATCH_CHUNK["genesis"] == 0
     assert T.resolve_batch_chunk(cfg, "gpu") == 0 and T.resolve_batch_chunk(cfg, "tpu") == 0
     cfg.batch_chunk = 4
     assert T.resolve_batch_chunk(cfg, "gpu") == 4

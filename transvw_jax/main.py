@@ -11,6 +11,11 @@ from __future__ import annotations
 import re
 import sys
 
+if __name__ == "__main__":  # before JAX is imported: see hostenv
+    from transvw_jax import hostenv
+
+    hostenv.reexec_with_hugepage_malloc()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -97,6 +102,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`transvw-jax`)."""
+    from transvw_jax import hostenv
+
+    hostenv.reexec_with_hugepage_malloc()
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -64,8 +64,8 @@ def default_config(policy: str = "transvw") -> ml_collections.ConfigDict:
     c.paint = dict(prob=0.9, inpaint_prob=0.2)
     c.in_paint = dict(max_blocks=5 if genesis else 1)
     c.out_paint = dict(max_extra_blocks=4 if genesis else 0)
-    # Cubes per device transformed together (see `batch_policy`); -1: CPU_BATCH_CHUNK on
-    # the CPU backend, the whole batch elsewhere; 0: always the whole batch.
+    # Cubes per device transformed together (see `batch_policy`); -1: the policy's
+    # CPU_BATCH_CHUNK on the CPU backend, the whole batch elsewhere; 0: the whole batch.
     c.batch_chunk = -1
     return c
 
@@ -319,17 +319,21 @@ def apply_policy(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     return POLICIES[cfg.policy](key, x, cfg)
 
 
-# Measured on a 2-core Xeon (benchmarks/transforms.py --chunks): batches of 64 cubes of
-# 64x64x32 run ~1.6x faster in chunks of 8-16 than in one vmap, because every
-# intermediate of a chunk stays in cache (one full-batch pass costs ~10 ms there).
-CPU_BATCH_CHUNK = 16
+# Cubes per chunk on the CPU backend, per policy. Measured on a 2-core Xeon
+# (benchmarks/transforms.py --chunk N, batch 64 of 64x64x32, huge-page malloc): TransVW
+# 1,150-1,240 cubes/s in chunks of 8-32 against ~1,060 in one vmap (its elastic field and
+# gathers stay in cache); Models Genesis ~940 in chunks of 16 against ~1,015 in one vmap
+# (the fusion that writes a chunk into the loop's output runs on one thread, and most of
+# Genesis' per-voxel work lands in it). See benchmarks/RESULTS.md.
+CPU_BATCH_CHUNK = {"transvw": 16, "genesis": 0}
 
 
 def resolve_batch_chunk(cfg: ml_collections.ConfigDict, backend: str | None = None) -> int:
     """Cubes per device and chunk for `batch_policy`; 0 means the whole batch at once."""
     chunk = cfg.get("batch_chunk", -1)
     if chunk == -1:
-        return CPU_BATCH_CHUNK if (backend or jax.default_backend()) == "cpu" else 0
+        on_cpu = (backend or jax.default_backend()) == "cpu"
+        return CPU_BATCH_CHUNK.get(cfg.get("policy", "transvw"), 0) if on_cpu else 0
     return chunk
 
 
