@@ -46,7 +46,7 @@ import optax
 from transvw_jax import export, hostenv, parallel, train
 from transvw_jax import transforms as T
 from transvw_jax.models import build_model, init_variables
-from transvw_jax.models.layers import conv3d_same
+from transvw_jax.models.layers import CONV_IMPLS, conv3d_same, default_conv_impl
 
 LAMBDA_CLS = 0.01
 SWEEP_BATCHES = (1, 2, 4)
@@ -89,7 +89,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--cube", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--conv-impl", default="xla3d", choices=["xla3d", "depth2d"])
+    p.add_argument("--conv-impl", default="auto", choices=["auto", *CONV_IMPLS],
+                   help="model.conv_impl; auto: matmul on CPU, xla3d on GPU/TPU")
     p.add_argument("--iters", "--steps", dest="iters", type=int, default=3,
                    help="timed steps per implementation (--steps and --iters are the same)")
     p.add_argument("--compare-torch", action="store_true")
@@ -100,7 +101,10 @@ def parse_args() -> argparse.Namespace:
                    help="time train.build_steps(...).train (transforms included, uint16 cubes in)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for mfu (overrides the table / the CPU matmul measurement)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.conv_impl == "auto":
+        args.conv_impl = default_conv_impl()
+    return args
 
 
 # --------------------------------------------------------------------------- peak FLOP/s
@@ -237,6 +241,18 @@ def real_step(args, batch: int, dtype: str):
     return run.steps.train, variables, state, mesh, export.to_torch_state_dict(jax.device_get(variables))
 
 
+def model_gflop(args, batch: int, dtype: str) -> float | None:
+    """FLOPs of the model's step as XLA counts them with its 3D convolutions (lowered, not
+    compiled): the matmul form runs its convolutions in loops, whose bodies a cost
+    analysis counts once, so every conv_impl is charged the same work."""
+    ref = argparse.Namespace(**{**vars(args), "conv_impl": "xla3d"})
+    step, state, _ = jax_step(ref, dtype)
+    x = jax.ShapeDtypeStruct((batch, *args.cube, 1), jnp.float32)
+    cost = step.lower(state, x, jax.ShapeDtypeStruct((batch,), jnp.int32)).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost.get("flops", 0.0) / 1e9 if cost else None
+
+
 def compiled_gflop(compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -301,7 +317,7 @@ def run_case(args, batch: int, dtype: str, peaks: Peaks, *, compare_torch: bool,
             holder["state"], loss = compiled(holder["state"], *inputs)
             return loss
 
-    gflop = compiled_gflop(compiled)
+    gflop = compiled_gflop(compiled) if args.conv_impl == "xla3d" else model_gflop(args, batch, dtype)
     jax.block_until_ready(call())  # warm
 
     def run_jax() -> float:
@@ -372,7 +388,7 @@ def main_layers(args) -> None:
         x = jnp.asarray(rng.standard_normal((args.batch, *spatial, cin)), dtype)
         w = jnp.asarray(rng.standard_normal((3, 3, 3, cin, cout)) * 0.05, dtype)
         gflop = 3 * 2 * args.batch * int(np.prod(spatial)) * cin * cout * 27 / 1e9
-        for impl in ("xla3d", "depth2d"):
+        for impl in CONV_IMPLS:
             grad = jax.jit(jax.grad(lambda x, w, impl=impl: conv3d_same(x, w, impl).astype(jnp.float32).sum(),
                                     argnums=(0, 1)))
             jax.block_until_ready(grad(x, w))

@@ -164,9 +164,10 @@ def test_build_model_names_the_bad_key(cfg, match):
         build_model(cfg)
 
 
-@pytest.mark.parametrize("k, cin, cout", [(3, 3, 5), (1, 4, 2), (5, 2, 3)])
-def test_depth2d_convolution_matches_xla_3d(k, cin, cout):
-    """Forward and both gradients of the CPU fast path equal lax's 3D convolution."""
+@pytest.mark.parametrize("impl", ["depth2d", "matmul"])
+@pytest.mark.parametrize("k, cin, cout", [(3, 3, 5), (1, 4, 2), (5, 2, 3), (3, 6, 2)])
+def test_fast_convolutions_match_xla_3d(impl, k, cin, cout):
+    """Forward and both gradients of the CPU fast paths equal lax's 3D convolution."""
     from transvw_jax.models.layers import conv3d_same
 
     rng = np.random.default_rng(k)
@@ -177,8 +178,8 @@ def test_depth2d_convolution_matches_xla_3d(k, cin, cout):
     def loss(impl):
         return lambda x, w: (conv3d_same(x, w, impl) * cot).sum()
 
-    np.testing.assert_allclose(conv3d_same(x, w, "depth2d"), conv3d_same(x, w, "xla3d"), rtol=1e-5, atol=1e-4)
-    fast = jax.grad(loss("depth2d"), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(conv3d_same(x, w, impl), conv3d_same(x, w, "xla3d"), rtol=1e-5, atol=1e-4)
+    fast = jax.grad(loss(impl), argnums=(0, 1))(x, w)
     slow = jax.grad(loss("xla3d"), argnums=(0, 1))(x, w)
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
@@ -188,6 +189,16 @@ def test_conv_impls_give_the_same_model_outputs(small_ynet):
     _, variables = small_ynet
     x = random_cubes(seed=6)
     outs = [jit_apply(YNet3D(num_classes=6, width=4, conv_impl=impl))(variables, x, train=False)
-            for impl in ("xla3d", "depth2d")]
-    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
-    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)
+            for impl in ("xla3d", "depth2d", "matmul")]
+    for other in outs[1:]:
+        np.testing.assert_allclose(outs[0][0], other[0], atol=1e-5)
+        np.testing.assert_allclose(outs[0][1], other[1], atol=1e-4)
+
+
+def test_auto_conv_impl_is_matmul_on_cpu_only():
+    from transvw_jax.models.layers import default_conv_impl
+
+    assert default_conv_impl("cpu") == "matmul"
+    assert default_conv_impl("gpu") == "xla3d" and default_conv_impl("tpu") == "xla3d"
+    assert build_model({"name": "unet3d", "width": 4}).conv_impl == default_conv_impl()
+    assert build_model({"name": "unet3d", "width": 4, "conv_impl": "xla3d"}).conv_impl == "xla3d"

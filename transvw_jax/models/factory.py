@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from transvw_jax.errors import ConfigError
-from transvw_jax.models.layers import BN_MODES, CONV_IMPLS
+from transvw_jax.models.layers import BN_MODES, CONV_IMPLS, default_conv_impl
 from transvw_jax.models.unet3d import EncoderClassifier, UNet3D, YNet3D
 
 MODELS = {"unet3d": UNet3D, "ynet3d": YNet3D, "encoder_classifier": EncoderClassifier}
@@ -22,7 +22,8 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Create the module described by a `config.model` section.
 
     Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
-    dtype (float32 | bfloat16), conv_impl (xla3d | depth2d), num_classes (ynet3d,
+    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d | matmul; auto is
+    `layers.default_conv_impl()`: matmul on the CPU backend, xla3d elsewhere), num_classes (ynet3d,
     encoder_classifier), out_channels and activation (unet3d: sigmoid | none).
 
     Raises:
@@ -40,9 +41,11 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     dtype_name = cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
-    conv_impl = cfg.get("conv_impl", "xla3d")
-    if conv_impl not in CONV_IMPLS:
-        raise ConfigError(f"model.conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
+    conv_impl = cfg.get("conv_impl", "auto")
+    if conv_impl not in ("auto", *CONV_IMPLS):
+        raise ConfigError(f"model.conv_impl must be one of {['auto', *CONV_IMPLS]}, got {conv_impl!r}")
+    if conv_impl == "auto":
+        conv_impl = default_conv_impl()
     kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name], conv_impl=conv_impl)
     if name == "unet3d":
         out_channels = cfg.get("out_channels", 1)

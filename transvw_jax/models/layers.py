@@ -41,24 +41,115 @@ def torch_default_init(fan_in: int):
     return init
 
 
-CONV_IMPLS = ("xla3d", "depth2d")
+CONV_IMPLS = ("xla3d", "depth2d", "matmul")
+
+# Patch matrix of one slab of x-planes in the matmul form, at most this many bytes.
+_SLAB_BYTES = 16 << 20
+
+
+def _slab_planes(shape: tuple[int, ...], taps: int, itemsize: int) -> int:
+    """Largest divisor of X whose slab's patch matrix (whole batch) fits in _SLAB_BYTES,
+    at least 1."""
+    b, sx, sy, sz, cin = shape
+    per_plane = b * sy * sz * taps * cin * itemsize
+    return max(d for d in range(1, sx + 1) if sx % d == 0 and (d == 1 or d * per_plane <= _SLAB_BYTES))
+
+
+def _patches(xp: jax.Array, start: int | jax.Array, planes: int, shape: tuple[int, ...], k: int) -> jax.Array:
+    """Patch matrix (B * planes * Y * Z, k^3 * C) of x-planes [start, start + planes) of the
+    padded batch xp (B, X + k - 1, Y + k - 1, Z + k - 1, C), columns ordered (i, j, m, c)
+    like kernel.reshape(k^3 * C, C_out)."""
+    b, _, sy, sz, cin = shape
+    slab = lax.dynamic_slice_in_dim(xp, start, planes + k - 1, axis=1)
+    views = [slab[:, i:i + planes, j:j + sy, m:m + sz] for i in range(k) for j in range(k) for m in range(k)]
+    return jnp.concatenate(views, axis=-1).reshape(b * planes * sy * sz, k**3 * cin)
+
+
+def _matmul_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'same' correlation as patch-matrix matmuls, slab of x-planes by slab (`lax.map`),
+    so that one slab's patch matrix stays small; the batch axis stays whole (and sharded
+    where the batch is)."""
+    b, sx, sy, sz, cin = x.shape
+    k, cout = kernel.shape[0], kernel.shape[-1]
+    h = k // 2
+    planes = _slab_planes(x.shape, k**3, x.dtype.itemsize)
+    xp = jnp.pad(x, ((0, 0), (h, h), (h, h), (h, h), (0, 0)))
+    weights = kernel.reshape(k**3 * cin, cout)
+
+    def slab(i):
+        return (_patches(xp, i * planes, planes, x.shape, k) @ weights).reshape(b, planes, sy, sz, cout)
+
+    if planes == sx:  # one slab: no loop (small cubes compile faster)
+        return slab(0)
+    out = lax.map(slab, jnp.arange(sx // planes))  # (slabs, B, planes, Y, Z, C_out)
+    return jnp.moveaxis(out, 0, 1).reshape(b, sx, sy, sz, cout)
+
+
+def _matmul_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+    """d(sum(g * conv(x, W)))/dW = patches(x)^T @ g summed over slabs of x-planes."""
+    b, sx, sy, sz, cin = x.shape
+    cout = g.shape[-1]
+    h = k // 2
+    planes = _slab_planes(x.shape, k**3, x.dtype.itemsize)
+    xp = jnp.pad(x, ((0, 0), (h, h), (h, h), (h, h), (0, 0)))
+
+    def add_slab(i, acc):
+        cols = _patches(xp, i * planes, planes, x.shape, k)
+        gs = lax.dynamic_slice_in_dim(g, i * planes, planes, axis=1).reshape(-1, cout)
+        return acc + jnp.dot(cols.T, gs, preferred_element_type=jnp.float32)
+
+    zero = jnp.zeros((k**3 * cin, cout), jnp.float32)
+    acc = add_slab(0, zero) if planes == sx else lax.fori_loop(0, sx // planes, add_slab, zero)
+    return acc.reshape(k, k, k, cin, cout)
+
+
+@jax.custom_vjp
+def _conv3d_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _matmul_forward(x, kernel)
+
+
+def _conv3d_matmul_fwd(x, kernel):
+    return _matmul_forward(x, kernel), (x, kernel)
+
+
+def _conv3d_matmul_bwd(res, g):
+    x, kernel = res
+    k = kernel.shape[0]
+    # The input gradient of a 'same' correlation is the 'same' correlation of g with the
+    # kernel flipped in space and transposed in channels: the same matmul form.
+    dx = _matmul_forward(g, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4))
+    return dx, _matmul_kernel_grad(x, g, k).astype(kernel.dtype)
+
+
+_conv3d_matmul.defvjp(_conv3d_matmul_fwd, _conv3d_matmul_bwd)
+
+
+def default_conv_impl(backend: str | None = None) -> str:
+    """What `model.conv_impl = "auto"` means: "matmul" on the CPU backend, where XLA runs
+    3D convolutions on a generic path but matmuls fast; "xla3d" on GPU/TPU, where the
+    convolution goes to cuDNN / the TPU compiler."""
+    return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla3d"
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Array:
     """Stride-1 'same' 3D convolution (cross-correlation) of x (B, X, Y, Z, C_in) with
     kernel (kx, ky, kz, C_in, C_out), odd kernel sizes.
 
-    impl="xla3d" is XLA's 3D convolution (the default everywhere). impl="depth2d" writes
-    it as kx 2D convolutions over (Y, Z) on depth-shifted slices, summed: XLA:CPU sends 2D
-    convolutions to YNNPACK but 3D ones to a generic path. Measured on this project's
-    2-core CPU: forward of a 32->64 layer at 64x64x32, batch 2, 72 -> 116 GFLOP/s, but
-    the full YNet3D training step 19.3 s (xla3d) vs 21.2 s (depth2d), because the
-    autodiff backward of the 2D form is slower. So depth2d is opt-in, e.g. for CPU
-    inference; making it win in training (a custom backward) is issue 6.
+    impl="xla3d" is XLA's 3D convolution. impl="matmul" (the CPU default, see
+    `default_conv_impl`) computes it, and both its gradients (a custom VJP), as matmuls of
+    patch matrices built slab of x-planes by slab: the input gradient is the same
+    correlation of the output gradient with the kernel flipped and transposed, the
+    kernel gradient patches(x)^T @ g. Measured on this project's 2-core CPU, forward +
+    both gradients at batch 2: 32->64 at 64x64x32 1.35 -> 0.52 s, 192->64 5.2 -> 3.4-3.8 s,
+    768->256 at 16x16x8 0.63 -> 0.42 s (benchmarks/RESULTS.md). impl="depth2d" writes it as
+    kx 2D convolutions over (Y, Z) on depth-shifted slices, summed (XLA:CPU sends 2D
+    convolutions to YNNPACK): faster forward than xla3d, slower autodiff backward.
     """
     if impl == "xla3d":
         return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    if impl == "matmul":
+        return _conv3d_matmul(x, kernel)
     if impl != "depth2d":
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
     b, sx, sy, sz, cin = x.shape
