@@ -58,11 +58,23 @@ def _slab_planes(shape: tuple[int, ...], taps: int, itemsize: int) -> int:
 def _patches(xp: jax.Array, start: int | jax.Array, planes: int, shape: tuple[int, ...], k: int) -> jax.Array:
     """Patch matrix (B * planes * Y * Z, k^3 * C) of x-planes [start, start + planes) of the
     padded batch xp (B, X + k - 1, Y + k - 1, Z + k - 1, C), columns ordered (i, j, m, c)
-    like kernel.reshape(k^3 * C, C_out)."""
-    b, _, sy, sz, cin = shape
+    like kernel.reshape(k^3 * C, C_out).
+
+    One slab covering the whole cube (small cubes) is built axis by axis (k shifts along
+    z, then y, then x: 3k small concatenations): XLA compiles that 2-3x faster than one
+    concatenation of k^3 views, which matters for small models (the tests). Slabs of a
+    large cube take the single k^3-view concatenation, which writes fewer bytes: 2x
+    faster at 64x64x32 (measured)."""
+    b, sx, sy, sz, cin = shape
     slab = lax.dynamic_slice_in_dim(xp, start, planes + k - 1, axis=1)
-    views = [slab[:, i:i + planes, j:j + sy, m:m + sz] for i in range(k) for j in range(k) for m in range(k)]
-    return jnp.concatenate(views, axis=-1).reshape(b * planes * sy * sz, k**3 * cin)
+    if planes == sx:
+        by_z = jnp.concatenate([slab[:, :, :, m:m + sz] for m in range(k)], axis=-1)
+        by_y = jnp.concatenate([by_z[:, :, j:j + sy] for j in range(k)], axis=-1)
+        cols = jnp.concatenate([by_y[:, i:i + planes] for i in range(k)], axis=-1)
+    else:
+        taps = [(i, j, m) for i in range(k) for j in range(k) for m in range(k)]
+        cols = jnp.concatenate([slab[:, i:i + planes, j:j + sy, m:m + sz] for i, j, m in taps], axis=-1)
+    return cols.reshape(b * planes * sy * sz, k**3 * cin)
 
 
 def _matmul_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
