@@ -151,9 +151,10 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Arr
     `default_conv_impl`) computes it, and both its gradients (a custom VJP), as matmuls of
     patch matrices built slab of x-planes by slab: the input gradient is the same
     correlation of the output gradient with the kernel flipped and transposed, the
-    kernel gradient patches(x)^T @ g. Measured on this project's 2-core CPU, forward +
-    both gradients at batch 2: 32->64 at 64x64x32 1.35 -> 0.52 s, 192->64 5.2 -> 3.4-3.8 s,
-    768->256 at 16x16x8 0.63 -> 0.42 s (benchmarks/RESULTS.md). impl="depth2d" writes it as
+    kernel gradient patches(x)^T @ g. Measured on this project's 2-core CPU
+    (benchmarks/RESULTS.md): forward at batch 2 of 64x64x32, 32->64 75 -> 149 GFLOP/s and
+    192->64 74 -> 118 GFLOP/s (benchmarks/conv_forms.py); the YNet3D training step 20.8 ->
+    13.6 s (benchmarks/train_step.py). impl="depth2d" writes it as
     kx 2D convolutions over (Y, Z) on depth-shifted slices, summed (XLA:CPU sends 2D
     convolutions to YNNPACK): faster forward than xla3d, slower autodiff backward.
     """
