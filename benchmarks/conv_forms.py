@@ -2,12 +2,13 @@
 
 A probe for the CPU convolution path: XLA:CPU runs 3D convolutions on a generic path
 (~70-77 GFLOP/s on the 2-core Xeon), while its float32 matmul reaches ~290-315 GFLOP/s at
-4096^3. The matmul forms here cut the input into slabs of `--slab` x-planes (a `lax.map`
-over batch x slabs, so the patch matrix of one slab stays small) and:
-  im2col    concatenate the 27 shifted views of the slab on channels and do one matmul
-            with K = 27 * C_in;
-  outshift  multiply the slab by all 27 kernel taps at once (N = 27 * C_out) and add the
-            27 shifted slices of the product.
+4096^3. Forms:
+  xla3d     `lax.conv_general_dilated` (conv_impl "xla3d");
+  matmul    the model's CPU path, `layers.conv3d_same(x, w, "matmul")`: patch matrices
+            (27 shifted views on channels, K = 27 * C_in) of slabs of x-planes;
+  outshift  a candidate not in the package: per slab of `--slab` x-planes, multiply by
+            all 27 kernel taps at once (N = 27 * C_out) and add the 27 shifted slices of
+            the product (fewer bytes than patches when C_in > C_out).
 Each line checks the result against `lax.conv_general_dilated` (max error relative to the
 largest output value) and prints JSON:
   {"what": "conv3d_forward", "impl", "shape", "dtype", "device", "cubes_per_s",
@@ -29,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from transvw_jax import hostenv
+from transvw_jax.models.layers import conv3d_same
 
 DIMS = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -38,7 +40,8 @@ def xla3d(x, w):
 
 
 def _slabs(x, slab, fn):
-    """fn(padded slab of `slab` + 2 x-planes) -> (slab, Y, Z, C_out), over batch x slabs."""
+    """fn(padded slab of `slab` + 2 x-planes of one cube) -> (slab, Y, Z, C_out), over
+    batch x slabs."""
     b, n = x.shape[0], x.shape[1]
     if n % slab:
         raise SystemExit(f"--slab {slab} must divide the x size {n}")
@@ -51,21 +54,6 @@ def _slabs(x, slab, fn):
 
     out = lax.map(one, jnp.arange(b * per))
     return out.reshape(b, n, *out.shape[2:])
-
-
-def im2col(x, w, slab):
-    c_in, c_out = w.shape[3], w.shape[4]
-    y, z = x.shape[2], x.shape[3]
-    kernel = w.reshape(27 * c_in, c_out)
-
-    def fn(s):
-        cols = jnp.concatenate(
-            [s[i : i + slab, j : j + y, k : k + z] for i in range(3) for j in range(3) for k in range(3)],
-            axis=-1,
-        )
-        return (cols.reshape(-1, 27 * c_in) @ kernel).reshape(slab, y, z, c_out)
-
-    return _slabs(x, slab, fn)
 
 
 def outshift(x, w, slab):
@@ -107,7 +95,7 @@ def main() -> None:
     )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--cube", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
-    p.add_argument("--slab", type=int, default=2, help="x-planes per matmul chunk")
+    p.add_argument("--slab", type=int, default=2, help="x-planes per chunk of the outshift form")
     p.add_argument("--iters", type=int, default=3)
     args = p.parse_args()
     device = jax.devices()[0].device_kind
@@ -120,7 +108,7 @@ def main() -> None:
         scale = float(jnp.max(jnp.abs(reference)))
         forms = {
             "xla3d": xla3d,
-            "im2col": lambda x, w: im2col(x, w, args.slab),
+            "matmul": lambda x, w: conv3d_same(x, w, "matmul"),
             "outshift": lambda x, w: outshift(x, w, args.slab),
         }
         for impl, fn in forms.items():
@@ -141,7 +129,7 @@ def main() -> None:
                         "rel_err": float(f"{err:.2g}"),
                         "c_in": c_in,
                         "c_out": c_out,
-                        "slab": None if impl == "xla3d" else args.slab,
+                        "slab": args.slab if impl == "outshift" else None,
                     }
                 ),
                 flush=True,

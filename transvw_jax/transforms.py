@@ -272,16 +272,13 @@ def genesis(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     shape, dtype = x.shape, x.dtype
     parity, flipped = flip_axes(k_flip, cfg.flip.prob, cfg.flip.max_flips)
 
-    def flip_coords(coords):
-        return [jnp.where(p, n - 1 - c, c) for p, n, c in zip(parity, shape, coords, strict=True)]
-
     flat = x.reshape(-1)
     target = genesis_target(key, x, cfg)
     do_shuffle = u[0] < cfg.local_shuffle.prob
     if cfg.local_shuffle.num_blocks > EXACT_SHUFFLE_MAX_BLOCKS:
         src = tiled_shuffle_source(k_shuffle, shape, cfg.local_shuffle.num_blocks)
         src = [jnp.where(do_shuffle, s, g) for s, g in zip(src, C.grid(shape), strict=True)]
-        x = flat[C.flat_index(shape, *flip_coords(src))].astype(jnp.float32)
+        x = flat[C.flat_index(shape, *_flip_coords(parity, shape, src))].astype(jnp.float32)
     else:
         x = exact_shuffle(k_shuffle, target.astype(jnp.float32), cfg.local_shuffle.num_blocks, do_shuffle)
     do_nonlinear = u[1] < cfg.nonlinear.prob
@@ -296,11 +293,14 @@ def genesis(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     return x.astype(dtype), target, bits
 
 
+def _flip_coords(parity, shape, coords):
+    return [jnp.where(p, n - 1 - c, c) for p, n, c in zip(parity, shape, coords, strict=True)]
+
+
 def genesis_target(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
     """The target `genesis(key, x, cfg)` returns: x with the same flips as the input."""
     parity, _ = flip_axes(jax.random.split(key, 5)[0], cfg.flip.prob, cfg.flip.max_flips)
-    coords = [jnp.where(p, n - 1 - c, c) for p, n, c in zip(parity, x.shape, C.grid(x.shape), strict=True)]
-    return x.reshape(-1)[C.flat_index(x.shape, *coords)]
+    return x.reshape(-1)[C.flat_index(x.shape, *_flip_coords(parity, x.shape, C.grid(x.shape)))]
 
 
 def transvw_target(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:

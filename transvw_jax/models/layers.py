@@ -77,15 +77,20 @@ def _patches(xp: jax.Array, start: int | jax.Array, planes: int, shape: tuple[in
     return cols.reshape(b * planes * sy * sz, k**3 * cin)
 
 
+def _padded_slabs(x: jax.Array, k: int) -> tuple[jax.Array, int]:
+    """x padded by k // 2 on the three spatial axes, and the x-planes per slab."""
+    h = k // 2
+    xp = jnp.pad(x, ((0, 0), (h, h), (h, h), (h, h), (0, 0)))
+    return xp, _slab_planes(x.shape, k**3, x.dtype.itemsize)
+
+
 def _matmul_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """'same' correlation as patch-matrix matmuls, slab of x-planes by slab (`lax.map`),
     so that one slab's patch matrix stays small; the batch axis stays whole (and sharded
     where the batch is)."""
     b, sx, sy, sz, cin = x.shape
     k, cout = kernel.shape[0], kernel.shape[-1]
-    h = k // 2
-    planes = _slab_planes(x.shape, k**3, x.dtype.itemsize)
-    xp = jnp.pad(x, ((0, 0), (h, h), (h, h), (h, h), (0, 0)))
+    xp, planes = _padded_slabs(x, k)
     weights = kernel.reshape(k**3 * cin, cout)
 
     def slab(i):
@@ -101,9 +106,7 @@ def _matmul_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     """d(sum(g * conv(x, W)))/dW = patches(x)^T @ g summed over slabs of x-planes."""
     b, sx, sy, sz, cin = x.shape
     cout = g.shape[-1]
-    h = k // 2
-    planes = _slab_planes(x.shape, k**3, x.dtype.itemsize)
-    xp = jnp.pad(x, ((0, 0), (h, h), (h, h), (h, h), (0, 0)))
+    xp, planes = _padded_slabs(x, k)
 
     def add_slab(i, acc):
         cols = _patches(xp, i * planes, planes, x.shape, k)
@@ -152,8 +155,8 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Arr
     patch matrices built slab of x-planes by slab: the input gradient is the same
     correlation of the output gradient with the kernel flipped and transposed, the
     kernel gradient patches(x)^T @ g. Measured on this project's 2-core CPU
-    (benchmarks/RESULTS.md): forward at batch 2 of 64x64x32, 32->64 75 -> 149 GFLOP/s and
-    192->64 74 -> 118 GFLOP/s (benchmarks/conv_forms.py); the YNet3D training step 20.8 ->
+    (benchmarks/RESULTS.md): forward at batch 2 of 64x64x32 in benchmarks/conv_forms.py,
+    and the YNet3D training step 20.8 ->
     13.6 s (benchmarks/train_step.py). impl="depth2d" writes it as
     kx 2D convolutions over (Y, Z) on depth-shifted slices, summed (XLA:CPU sends 2D
     convolutions to YNNPACK): faster forward than xla3d, slower autodiff backward.
