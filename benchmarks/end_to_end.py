@@ -151,5 +151,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
+    hostenv.prepare()  # the host settings the CLI runs with (see hostenv)
     main()

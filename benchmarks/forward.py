@@ -113,6 +113,6 @@ def torch_timer(args, variables, x):
 
 
 if __name__ == "__main__":
-    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
+    hostenv.prepare()  # the host settings the CLI runs with (see hostenv)
     jnp.zeros(())  # initialise the backend before timing anything
     main()

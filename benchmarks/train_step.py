@@ -418,6 +418,6 @@ def main_layers(args) -> None:
 
 
 if __name__ == "__main__":
-    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
+    hostenv.prepare()  # the host settings the CLI runs with (see hostenv)
     arguments = parse_args()
     main_layers(arguments) if arguments.layers else main_step(arguments)

@@ -189,7 +189,8 @@ def main() -> None:
     args = p.parse_args()
     shape, device = tuple(args.cube), jax.devices()[0].device_kind
     common = {"shape": list(shape), "batch": args.batch, "dtype": args.dtype,
-              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+              "xla_flags": os.environ.get("XLA_FLAGS", "")}
     chunks = {p: T.resolve_batch_chunk(ml_collections.ConfigDict({"batch_chunk": args.chunk, "policy": p}))
               for p in T.POLICIES}
     rates = {}
@@ -213,5 +214,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    hostenv.reexec_with_hugepage_malloc()  # huge-page malloc, as the CLI runs (see hostenv)
+    hostenv.prepare()  # the host settings the CLI runs with (see hostenv)
     main()

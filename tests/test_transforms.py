@@ -88,6 +88,23 @@ def test_single_block_shuffle_permutes_inside_one_small_block(seed):
         np.testing.assert_array_equal(np.sort(out[region].ravel()), np.sort(x[region].ravel()))
 
 
+def test_block_permutations_are_uniform_permutations_of_each_block():
+    from transvw_jax import shuffle as S
+
+    volume = jnp.array([3, 108, 1, 50])
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: S._block_permutations(k, volume, 108)))(keys(6000)))
+    for b, n in enumerate(np.asarray(volume)):
+        block = np.broadcast_to(np.arange(n), (6000, n))
+        np.testing.assert_array_equal(np.sort(perms[:, b, :n], axis=1), block)
+        rest = np.broadcast_to(np.arange(n, 108), (6000, 108 - n))
+        np.testing.assert_array_equal(perms[:, b, n:], rest)
+    orders = perms[:, 0, 0] * 9 + perms[:, 0, 1] * 3 + perms[:, 0, 2]  # the 6 orders of 3 slots
+    freq = np.unique(orders, return_counts=True)[1] / 6000
+    assert freq.size == 6 and np.abs(freq - 1 / 6).max() < 0.02
+    where_first = np.argmax(perms[:, 1, :] == 0, axis=1)  # slot 0 lands anywhere in the block
+    assert_uniform_ints(where_first // 12, 0, 8, tol=0.02)
+
+
 def test_shuffle_changes_nothing_outside_its_blocks():
     x = distinct_cube(SHUFFLE_SHAPE, 1)
     for key in keys(6, seed=2):
@@ -236,6 +253,25 @@ def test_elastic_moves_voxels_only_in_x_and_y():
     np.testing.assert_allclose(out, np.broadcast_to(z_only, out.shape), atol=1e-6)
     x_ramp = np.broadcast_to(np.linspace(0, 1, SMALL[0], dtype=np.float32)[:, None, None], SMALL).copy()
     assert np.abs(batched(T.elastic, 8, x_ramp) - x_ramp).max() > 0.05
+
+
+def test_elastic_sampling_matches_scipy_map_coordinates_with_reflect():
+    """Linear interpolation with reflected edges, as the reference's map_coordinates(order=1,
+    mode='reflect'), including coordinates far outside the cube (several periods)."""
+    from scipy import ndimage
+
+    from transvw_jax import elastic as E
+
+    shape = (12, 10, 4)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    rng = np.random.default_rng(1)
+    cx = rng.uniform(-30, 42, shape).astype(np.float32)
+    cy = rng.uniform(-25, 35, shape).astype(np.float32)
+    cx[0, 0, :] = [-1.0, 11.0, 11.5, -0.5]  # exactly on and between the edge taps
+    iz = np.broadcast_to(np.arange(shape[2]), shape)
+    got = np.asarray(jax.jit(E._sample)(jnp.asarray(x), jnp.asarray(cx), jnp.asarray(cy), jnp.asarray(iz)))
+    expected = ndimage.map_coordinates(x.astype(np.float64), [cx, cy, iz], order=1, mode="reflect")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def reference_field_std(shape, alpha, sigma):
@@ -428,11 +464,11 @@ def test_chunked_batch_equals_one_vmap(policy, chunk, shards):
 def test_batch_chunk_resolves_per_backend():
     cfg = T.default_config()
     assert cfg.batch_chunk == -1
-    assert T.resolve_batch_chunk(cfg, "cpu") == T.CPU_BATCH_CHUNK["transvw"] == 16
-    assert T.resolve_batch_chunk(T.default_config("genesis"), "cpu") == T.CPU_BATCH_CHUNK["genesis"] == 0
+    assert T.resolve_batch_chunk(cfg, "cpu") == T.CPU_BATCH_CHUNK["transvw"]
+    assert T.resolve_batch_chunk(T.default_config("genesis"), "cpu") == T.CPU_BATCH_CHUNK["genesis"]
     assert T.resolve_batch_chunk(cfg, "gpu") == 0 and T.resolve_batch_chunk(cfg, "tpu") == 0
     cfg.batch_chunk = 4
-    assert T.resolve_batch_chunk(cfg, "gpu") == 4
+    assert T.resolve_batch_chunk(cfg, "gpu") == T.resolve_batch_chunk(cfg, "cpu") == 4
     cfg.batch_chunk = -2
     with pytest.raises(ValueError, match="transforms.batch_chunk"):
         T.validate_config(cfg)

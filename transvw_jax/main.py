@@ -14,7 +14,7 @@ import sys
 if __name__ == "__main__":  # before JAX is imported: see hostenv
     from transvw_jax import hostenv
 
-    hostenv.reexec_with_hugepage_malloc()
+    hostenv.prepare()
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -104,7 +104,7 @@ def run() -> None:
     """Console-script entry point (`transvw-jax`)."""
     from transvw_jax import hostenv
 
-    hostenv.reexec_with_hugepage_malloc()
+    hostenv.prepare()
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -33,6 +33,36 @@ def shuffle_blocks(key: jax.Array, shape: tuple[int, int, int], num_blocks: int)
     return origin, size
 
 
+# Slot indices take the low bits of a packed sort key; above this many slots the random
+# part would be too short (ties) and the permutation comes from a float argsort instead.
+_PACKED_SORT_MAX_SLOTS = 256
+
+
+def _block_permutations(key, volume, slots: int):
+    """One uniform random permutation of 0..volume[b]-1 per block b, in the first
+    volume[b] entries of a row of `slots` (the rest keep the slots after them).
+
+    A permutation is the order of random sort keys. Sorting the keys with the slot index
+    packed into their low bits (one uint32 array, XLA:CPU's fast single-operand sort) is
+    ~5x cheaper on CPU than an argsort (measured 0.6 vs 3.0 ms for 64 cubes x 5 blocks x
+    108 slots). The random part is then 32 - ceil(log2(slots)) bits (25 at 64x64x32): two
+    slots of a block tie with probability 2^-25, and a tie keeps slot order, so the
+    permutation is uniform up to ~slots^2 / 2^26 (< 2e-4 per block here). Blocks of more
+    than _PACKED_SORT_MAX_SLOTS slots (cubes above ~160 voxels per side) use the argsort.
+    """
+    num_blocks = volume.shape[0]
+    j = jnp.arange(slots)
+    valid = j[None, :] < volume[:, None]
+    if slots > _PACKED_SORT_MAX_SLOTS:
+        keys = jax.random.uniform(key, (num_blocks, slots))
+        return jnp.argsort(jnp.where(valid, keys, 2.0), axis=1)
+    index_bits = max(1, int(np.ceil(np.log2(slots))))
+    random = jax.random.bits(key, (num_blocks, slots), jnp.uint32) >> index_bits << index_bits
+    last = np.uint32((0xFFFFFFFF >> index_bits) << index_bits)  # unused slots sort last, in order
+    packed = jnp.where(valid, random, last) | j.astype(jnp.uint32)
+    return (jax.lax.sort(packed, dimension=1) & np.uint32((1 << index_bits) - 1)).astype(jnp.int32)
+
+
 def exact_shuffle(key, x, num_blocks, enabled=True, read=None):
     """The reference procedure, block by block: each block is read from the ORIGINAL
     cube, permuted uniformly and written back; a later block overwrites an earlier one.
@@ -46,9 +76,7 @@ def exact_shuffle(key, x, num_blocks, enabled=True, read=None):
     kmax = _shuffle_sizes_max(shape)
     slots = int(np.prod(kmax))
     volume = jnp.prod(size, axis=1)
-    # One uniform permutation of 0..n_b-1 per block, in the first n_b slots of a row.
-    keys = jax.random.uniform(k_perm, (num_blocks, slots))
-    perm = jnp.argsort(jnp.where(jnp.arange(slots) < volume[:, None], keys, 2.0), axis=1)
+    perm = _block_permutations(k_perm, volume, slots)
 
     def unravel(j, s):  # local index j in a block of size s -> (3,) offsets
         return jnp.stack([j // (s[..., 1] * s[..., 2]), (j // s[..., 2]) % s[..., 1], j % s[..., 2]], -1)

@@ -118,9 +118,10 @@ def nonlinear_curve(key: jax.Array, size: int = 1025, iters: int = 24):
     every grid value g by `iters` bisection steps (float32 resolution), which is the
     exact curve where the reference has a piecewise-linear approximation of it, and is
     ~7x cheaper on CPU than sampling, sorting and interpolating 1,024 points (measured:
-    0.03 vs 0.2 ms per cube). The bisection is a loop, so its result is computed once,
-    never re-fused into the per-voxel lookup. The table is monotone and maps {0, 1} onto
-    {0, 1} exactly.
+    0.03 vs 0.2 ms per cube). The bisection is unrolled (a rolled loop runs its 24 small
+    steps one by one) and wrapped in `cube_ops.computed_once`, so that the table is
+    computed once, never re-fused into the per-voxel lookup. The table is monotone and
+    maps {0, 1} onto {0, 1} exactly.
 
     Returns:
       (table of `size` values, inverted flag).
@@ -130,18 +131,18 @@ def nonlinear_curve(key: jax.Array, size: int = 1025, iters: int = 24):
     inverted = jax.random.uniform(k_invert) < 0.5
     g = jnp.linspace(0.0, 1.0, size)
 
-    def halve(_, bracket):
-        lo, hi = bracket
-        mid = 0.5 * (lo + hi)
-        right = _bernstein(p[0, 0], p[1, 0], mid) > g  # X decreases in s: the root is right of mid
-        return jnp.where(right, mid, lo), jnp.where(right, hi, mid)
+    def solve():
+        lo, hi = jnp.zeros(size), jnp.ones(size)
+        for _ in range(iters):  # unrolled: one fused pass instead of a loop of small steps
+            mid = 0.5 * (lo + hi)
+            right = _bernstein(p[0, 0], p[1, 0], mid) > g  # X decreases in s: the root is right of mid
+            lo, hi = jnp.where(right, mid, lo), jnp.where(right, hi, mid)
+        s = 0.5 * (lo + hi)
+        table = _bernstein(p[0, 1], p[1, 1], jnp.where(inverted, 1.0 - s, s))
+        ends = jnp.where(inverted, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
+        return table.at[0].set(ends[0]).at[-1].set(ends[1])
 
-    lo, hi = jax.lax.fori_loop(0, iters, halve, (jnp.zeros(size), jnp.ones(size)))
-    s = 0.5 * (lo + hi)
-    table = _bernstein(p[0, 1], p[1, 1], jnp.where(inverted, 1.0 - s, s))
-    ends = jnp.where(inverted, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
-    table = table.at[0].set(ends[0]).at[-1].set(ends[1])
-    return table, inverted
+    return C.computed_once(k_invert, solve), inverted
 
 
 def _apply_table(table: jax.Array, x: jax.Array) -> jax.Array:
@@ -319,13 +320,15 @@ def apply_policy(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     return POLICIES[cfg.policy](key, x, cfg)
 
 
-# Cubes per chunk on the CPU backend, per policy. Measured on a 2-core Xeon
-# (benchmarks/transforms.py --chunk N, batch 64 of 64x64x32, huge-page malloc): TransVW
-# 1,150-1,240 cubes/s in chunks of 8-32 against ~1,060 in one vmap (its elastic field and
-# gathers stay in cache); Models Genesis ~940 in chunks of 16 against ~1,015 in one vmap
-# (the fusion that writes a chunk into the loop's output runs on one thread, and most of
-# Genesis' per-voxel work lands in it). See benchmarks/RESULTS.md.
-CPU_BATCH_CHUNK = {"transvw": 16, "genesis": 0}
+# Cubes per chunk on the CPU backend, per policy (0: the whole batch in one vmap). The
+# best chunk depends on the CPU's caches. Measured (benchmarks/transforms.py --chunk N,
+# batch 64 of 64x64x32, huge-page malloc): on a 2-core Intel Xeon, TransVW 1,150-1,240
+# cubes/s in chunks of 8-32 against ~1,060 in one vmap; on a 2-core AMD EPYC (Zen 4, with
+# 512-bit vectors, see hostenv) the other way round, 1,760-1,810 in one vmap against
+# 1,420-1,540 in chunks of 16. Models Genesis is best in one vmap on both (the fusion that
+# writes a chunk into the loop's output runs on one thread). One vmap, the accelerators'
+# path, is the default; `transforms.batch_chunk` picks chunks. See benchmarks/RESULTS.md.
+CPU_BATCH_CHUNK = {"transvw": 0, "genesis": 0}
 
 
 def resolve_batch_chunk(cfg: ml_collections.ConfigDict, backend: str | None = None) -> int:
