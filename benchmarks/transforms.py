@@ -180,7 +180,8 @@ def main() -> None:
     p.add_argument("--cube", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=5, help="timed jax steps (median)")
-    p.add_argument("--numpy-cubes", type=int, default=20, help="cubes timed for numpy")
+    p.add_argument("--numpy-cubes", type=int, default=60,
+                   help="cubes timed for numpy (20 gave a ~15%% run-to-run spread on a 2-core VM)")
     p.add_argument("--only", default="", help="substring filter on 'what'")
     p.add_argument("--no-numpy", action="store_true")
     p.add_argument("--chunk", type=int, default=-1,
