@@ -46,8 +46,10 @@ def fake_cpuinfo(tmp_path, name, flags):
 def test_vector_flag_only_on_avx512_cpus_and_never_over_the_users_choice(tmp_path):
     avx512 = fake_cpuinfo(tmp_path, "avx512", "avx2 avx512f avx512bw")
     avx2 = fake_cpuinfo(tmp_path, "avx2", "avx2 fma")
+    fp16_only_name = fake_cpuinfo(tmp_path, "fp16", "avx2 avx512fp16x")  # a longer flag is not avx512f
     assert hostenv.wants_vector_flag({}, avx512)
     assert not hostenv.wants_vector_flag({}, avx2)
+    assert not hostenv.wants_vector_flag({}, fp16_only_name)
     assert not hostenv.wants_vector_flag({}, tmp_path / "missing")
     assert not hostenv.wants_vector_flag({hostenv.VECTOR_OPT_OUT: "0"}, avx512)
     assert not hostenv.wants_vector_flag({"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}, avx512)

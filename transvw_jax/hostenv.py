@@ -16,7 +16,8 @@ already set, or `TRANSVW_HUGEPAGE_MALLOC=0` in the environment.
 transforms' fusions are long element-wise chains (hashes, masks, the elastic sampling),
 which then run in half the vector instructions. Measured on 2-core machines, batch 64 of
 64x64x32 (`benchmarks/RESULTS.md`): the TransVW policy +7% (Intel Xeon) and +12-18% (AMD
-EPYC), Models Genesis +13% / +8-15%, and the width-8 YNet training step +10% (AMD EPYC).
+EPYC), Models Genesis +13% / +8-15%, and the YNet3D training step +10% at width 8 and 32
+(AMD EPYC).
 XLA_FLAGS is read when the backend starts, so this needs no re-execution. Not applied
 without `avx512f` in /proc/cpuinfo, when XLA_FLAGS already sets the width, or with
 `TRANSVW_AVX512_CODEGEN=0`.
@@ -86,7 +87,7 @@ def _cpu_has_avx512(cpuinfo: Path = _CPUINFO) -> bool:
         text = cpuinfo.read_text()
     except OSError:
         return False
-    return any(line.startswith("flags") and " avx512f" in line for line in text.splitlines())
+    return any(line.startswith("flags") and "avx512f" in line.split() for line in text.splitlines())
 
 
 def wants_vector_flag(environ: dict[str, str] | None = None, cpuinfo: Path = _CPUINFO) -> bool:
