@@ -4,7 +4,9 @@ The step: restoration MSE + 0.01 * cross-entropy on visual-word logits, Adam 1e-
 jit with the old state donated; the cube batch is fixed (no augmentation: this measures
 the network). `--compare-torch` runs the PyTorch reference network (transvw_jax.
 torch_reference, same initial weights, same loss and optimiser) in the same process,
-alternating with JAX step by step, both warm. `--layers` times every distinct 3x3x3
+alternating with JAX in blocks of two steps, both warm: the first step of a block follows
+the other framework's and runs slower for either side (reported as `after_switch_s`), the
+second is timed. `--layers` times every distinct 3x3x3
 convolution of the network forward+backward, per implementation. JSON lines:
   {"what": "train_step" | "layer/<name>" | "ratio", "impl", "shape", "dtype", "device",
    "cubes_per_s", "s_per_step", "gflop_per_step", "mfu"}
@@ -95,6 +97,9 @@ def parse_args() -> argparse.Namespace:
                    help="timed steps per implementation (--steps and --iters are the same)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")
+    p.add_argument("--loss-steps", type=int, default=0, metavar="N",
+                   help="train N steps in float32 and in bfloat16 from the same init on the same "
+                        "random batches; report both restoration losses and their difference")
     p.add_argument("--sweep", action="store_true",
                    help=f"float32 and bfloat16 at batches {SWEEP_BATCHES}, one line each (no torch)")
     p.add_argument("--real-step", action="store_true",
@@ -205,16 +210,16 @@ def jax_step(args, dtype=None):
     def loss_fn(params, batch_stats, x, y):
         (restored, logits), updates = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-        mse = jnp.mean(jnp.square(restored - x))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return mse + LAMBDA_CLS * ce, updates["batch_stats"]
+        mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - x))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        return mse + LAMBDA_CLS * ce, (updates["batch_stats"], mse)
 
     def step(state, x, y):
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (stats, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["batch_stats"], x, y)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "batch_stats": stats,
-                "opt": opt}, loss
+                "opt": opt}, {"loss": loss, "restoration_mse": mse}
 
     # The first step donates (frees) these arrays: keep a host copy for the PyTorch side.
     return jax.jit(step, donate_argnums=0), state, export.to_torch_state_dict(variables)
@@ -314,8 +319,8 @@ def run_case(args, batch: int, dtype: str, peaks: Peaks, *, compare_torch: bool,
         compiled = step.lower(state, *inputs).compile()
 
         def call():
-            holder["state"], loss = compiled(holder["state"], *inputs)
-            return loss
+            holder["state"], metrics = compiled(holder["state"], *inputs)
+            return metrics["loss"]
 
     gflop = compiled_gflop(compiled) if args.conv_impl == "xla3d" else model_gflop(args, batch, dtype)
     jax.block_until_ready(call())  # warm
@@ -330,8 +335,15 @@ def run_case(args, batch: int, dtype: str, peaks: Peaks, *, compare_torch: bool,
     if compare_torch:
         timers["torch"] = torch_step(args, state_dict, x, y)
     times = {k: [] for k in timers}
+    after_switch = {k: [] for k in timers}
     for _ in range(args.iters):  # alternate so that machine noise hits both
         for name, run in timers.items():
+            if compare_torch:
+                # A step right after the other framework's runs slow, whichever side it
+                # is (measured: JAX 8.5-9.3 s after a torch step, 7.8-8.1 s after its own;
+                # torch 7.8-8.4 s after a JAX step, 8.7-9.2 s after its own): both sides
+                # run a block of two, and the timed step is the one after their own.
+                after_switch[name].append(run())
             times[name].append(run())
     rates = {}
     cpu = jax.devices()[0].platform == "cpu"
@@ -343,6 +355,8 @@ def run_case(args, batch: int, dtype: str, peaks: Peaks, *, compare_torch: bool,
             line, dev, extra = "train_step", "cpu (torch)", {}
         else:
             line, dev, extra = what, device, {"conv_impl": args.conv_impl}
+        if after_switch[name]:
+            extra["after_switch_s"] = round(float(np.median(after_switch[name])), 4)
         rates[name] = emit(args, line, name, dev, float(np.median(ts)), gflop, batch=batch, dtype=dtype,
                            peak=peak, steps=len(ts), **extra)
     if compare_torch:
@@ -417,7 +431,39 @@ def main_layers(args) -> None:
                  layer=[cin, cout, *spatial])
 
 
+def main_loss_steps(args) -> None:
+    """The bf16-vs-float32 check: the restoration MSE after N steps of each (noise-like
+    random cubes in [0, 1], a new batch every step, the same sequence for both dtypes)."""
+    final = {}
+    for dtype in ("float32", "bfloat16"):
+        step, state, _ = jax_step(args, dtype)
+        rng = np.random.default_rng(1)
+        mses, times = [], []
+        for _ in range(args.loss_steps):
+            x = jax.device_put(rng.random((args.batch, *args.cube, 1), dtype=np.float32))
+            y = jax.device_put(rng.integers(0, args.num_classes, args.batch).astype(np.int32))
+            start = time.perf_counter()
+            state, metrics = step(state, x, y)
+            mses.append(float(metrics["restoration_mse"]))
+            times.append(time.perf_counter() - start)
+        final[dtype] = float(np.mean(mses[-5:]))
+        emit(args, "loss_steps", f"jax-{args.conv_impl}", jax.devices()[0].device_kind,
+             float(np.median(times[1:])), dtype=dtype, steps=args.loss_steps, conv_impl=args.conv_impl,
+             restoration_mse_last5=round(final[dtype], 6), restoration_mse_first=round(mses[0], 6))
+    diff = final["bfloat16"] - final["float32"]
+    print(json.dumps({"what": "loss_difference", "impl": f"jax-{args.conv_impl}",
+                      "shape": [args.batch, *args.cube, 1], "dtype": "bfloat16 - float32",
+                      "device": jax.devices()[0].device_kind, "steps": args.loss_steps, "width": args.width,
+                      "restoration_mse_difference": round(diff, 6),
+                      "relative": round(diff / final["float32"], 4)}), flush=True)
+
+
 if __name__ == "__main__":
     hostenv.prepare()  # the host settings the CLI runs with (see hostenv)
     arguments = parse_args()
-    main_layers(arguments) if arguments.layers else main_step(arguments)
+    if arguments.layers:
+        main_layers(arguments)
+    elif arguments.loss_steps:
+        main_loss_steps(arguments)
+    else:
+        main_step(arguments)

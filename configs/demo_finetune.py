@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.width = 8
     config.model.bn = "standard"
     config.model.dtype = "float32"
-    config.model.conv_impl = "auto"  # matmul on CPU, xla3d on GPU/TPU
+    config.model.conv_impl = "auto"  # onednn (or matmul) on CPU, xla3d on GPU/TPU
 
     config.data = ml_collections.ConfigDict()
     config.data.cube_shape = (32, 32, 16)

@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_classes = 44
     config.model.bn = "reference"
     config.model.dtype = "float32"  # "bfloat16" on accelerators (GPUs since A100, TPUs)
-    config.model.conv_impl = "auto"  # matmul on CPU, xla3d on GPU/TPU
+    config.model.conv_impl = "auto"  # onednn (or matmul) on CPU, xla3d on GPU/TPU
 
     config.data.cube_shape = (64, 64, 32)  # X, Y, Z: the reference cube
     config.data.source = "store"  # the store discovery writes to <workdir>/store

@@ -1,5 +1,9 @@
 """The Flax U-Net family: reference parameter counts, layouts, BatchNorm modes, dtypes."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -164,8 +168,8 @@ def test_build_model_names_the_bad_key(cfg, match):
         build_model(cfg)
 
 
-@pytest.mark.parametrize("impl", ["depth2d", "matmul"])
-@pytest.mark.parametrize("k, cin, cout", [(3, 3, 5), (1, 4, 2), (5, 2, 3), (3, 6, 2)])
+@pytest.mark.parametrize("impl", ["depth2d", "matmul", "onednn"])
+@pytest.mark.parametrize("k, cin, cout", [(3, 3, 5), (1, 4, 2), (5, 2, 3), (3, 6, 2), (3, 1, 16)])
 def test_fast_convolutions_match_xla_3d(impl, k, cin, cout):
     """Forward and both gradients of the CPU fast paths equal lax's 3D convolution."""
     from transvw_jax.models.layers import conv3d_same
@@ -189,16 +193,109 @@ def test_conv_impls_give_the_same_model_outputs(small_ynet):
     _, variables = small_ynet
     x = random_cubes(seed=6)
     outs = [jit_apply(YNet3D(num_classes=6, width=4, conv_impl=impl))(variables, x, train=False)
-            for impl in ("xla3d", "depth2d", "matmul")]
+            for impl in ("xla3d", "depth2d", "matmul", "onednn")]
     for other in outs[1:]:
         np.testing.assert_allclose(outs[0][0], other[0], atol=1e-5)
         np.testing.assert_allclose(outs[0][1], other[1], atol=1e-4)
 
 
-def test_auto_conv_impl_is_matmul_on_cpu_only():
+def test_auto_conv_impl_is_matmul_on_several_cpu_devices():
+    """The tests run on 8 simulated CPU devices: a sharded batch keeps XLA's own path."""
     from transvw_jax.models.layers import default_conv_impl
 
+    assert jax.device_count() > 1
     assert default_conv_impl("cpu") == "matmul"
     assert default_conv_impl("gpu") == "xla3d" and default_conv_impl("tpu") == "xla3d"
     assert build_model({"name": "unet3d", "width": 4}).conv_impl == default_conv_impl()
     assert build_model({"name": "unet3d", "width": 4, "conv_impl": "xla3d"}).conv_impl == "xla3d"
+
+
+def test_auto_conv_impl_is_onednn_on_one_cpu_device():
+    code = ("from transvw_jax.models import build_model; "
+            "print(build_model({'name': 'unet3d', 'width': 4}).conv_impl)")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "onednn"
+
+
+def test_onednn_training_step_matches_matmul(small_ynet):
+    """A whole YNet3D gradient (every layer's forward, input and kernel gradient through
+    the custom calls) equals the matmul path's."""
+    _, variables = small_ynet
+    x = random_cubes(seed=9)
+
+    def grads(impl):
+        model = YNet3D(num_classes=6, width=4, conv_impl=impl)
+
+        def loss(params):
+            (restored, logits), _ = model.apply({**variables, "params": params}, x, train=True,
+                                                mutable=["batch_stats"])
+            return jnp.mean(jnp.square(restored - x)) + jnp.mean(logits**2)
+
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    fast, ref = flatten_dict(grads("onednn")), flatten_dict(grads("matmul"))
+    # Relative L2 error per parameter, against a floor for the ones whose gradient is
+    # rounding noise (a conv bias before BatchNorm has a zero gradient).
+    floor = 1e-3 * max(float(np.linalg.norm(b)) for b in ref.values())
+    for path, b in ref.items():
+        err = float(np.linalg.norm(fast[path] - b)) / max(float(np.linalg.norm(b)), floor)
+        assert err < 1e-3, (path, err)
+
+
+def test_onednn_bfloat16_matches_float32_within_bf16_rounding():
+    """bfloat16 operands through the custom calls (float32 accumulation inside oneDNN),
+    forward and both gradients, in bfloat16, against float32 XLA on the same values."""
+    from transvw_jax.models.layers import conv3d_same
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 8, 6, 4, 3)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 5)) * 0.2, jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal((2, 8, 6, 4, 5)), jnp.float32)
+
+    def loss(x, w):
+        return (conv3d_same(x, w, "onednn").astype(jnp.float32) * cot).sum()
+
+    def ref(x, w):
+        return (conv3d_same(x.astype(jnp.float32), w.astype(jnp.float32), "xla3d") * cot).sum()
+
+    y = conv3d_same(x, w, "onednn")
+    assert y.dtype == jnp.bfloat16
+    want = conv3d_same(x.astype(jnp.float32), w.astype(jnp.float32), "xla3d")
+    assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want))) < 1e-2
+    for a, b in zip(jax.grad(loss, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
+        assert a.dtype == jnp.bfloat16
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b))) < 1e-2
+
+
+def test_onednn_rejects_mismatched_channels():
+    from transvw_jax.models.layers import _onednn_call
+
+    x, w = jnp.ones((1, 4, 4, 4, 3)), jnp.ones((3, 3, 3, 2, 5))
+    with pytest.raises(Exception, match="input channels differ from the kernel's"):
+        jax.block_until_ready(_onednn_call("forward", (1, 4, 4, 4, 5), x, w))
+
+
+def test_onednn_build_is_cached_and_names_a_missing_library(tmp_path, monkeypatch):
+    from transvw_jax import native
+
+    first = native.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    monkeypatch.setenv(native.ROOT_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(native.OneDNNUnavailable, match="nowhere"):
+        native.build(tmp_path)
+
+
+def test_explicit_onednn_without_the_library_is_a_config_error(tmp_path):
+    code = ("from transvw_jax.models import build_model; "
+            "build_model({'name': 'unet3d', 'width': 4, 'conv_impl': 'onednn'})")
+    env = {**os.environ, "TRANSVW_ONEDNN_ROOT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "model.conv_impl: 'onednn' cannot run here" in out.stderr and str(tmp_path) in out.stderr
+    env = {**env, "XLA_FLAGS": ""}
+    code = "from transvw_jax.models import build_model; print(build_model({'name': 'unet3d'}).conv_impl)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "matmul"  # auto falls back

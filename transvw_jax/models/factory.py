@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transvw_jax import native
 from transvw_jax.errors import ConfigError
 from transvw_jax.models.layers import BN_MODES, CONV_IMPLS, default_conv_impl
 from transvw_jax.models.unet3d import EncoderClassifier, UNet3D, YNet3D
@@ -22,8 +23,9 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Create the module described by a `config.model` section.
 
     Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
-    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d | matmul; auto is
-    `layers.default_conv_impl()`: matmul on the CPU backend, xla3d elsewhere), num_classes (ynet3d,
+    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d | matmul | onednn; auto is
+    `layers.default_conv_impl()`: onednn on a one-device CPU backend where oneDNN is
+    installed, else matmul on CPU, xla3d elsewhere), num_classes (ynet3d,
     encoder_classifier), out_channels and activation (unet3d: sigmoid | none).
 
     Raises:
@@ -46,6 +48,8 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(f"model.conv_impl must be one of {['auto', *CONV_IMPLS]}, got {conv_impl!r}")
     if conv_impl == "auto":
         conv_impl = default_conv_impl()
+    elif conv_impl == "onednn" and (reason := native.unavailable_reason()):
+        raise ConfigError(f"model.conv_impl: 'onednn' cannot run here: {reason}")
     kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name], conv_impl=conv_impl)
     if name == "unet3d":
         out_channels = cfg.get("out_channels", 1)

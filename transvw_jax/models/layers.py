@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from transvw_jax import native
+
 Dtype = Any
 
 BN_MODES = ("reference", "standard")
@@ -41,7 +43,7 @@ def torch_default_init(fan_in: int):
     return init
 
 
-CONV_IMPLS = ("xla3d", "depth2d", "matmul")
+CONV_IMPLS = ("xla3d", "depth2d", "matmul", "onednn")
 
 # Patch matrix of one slab of x-planes in the matmul form, at most this many bytes.
 _SLAB_BYTES = 16 << 20
@@ -139,25 +141,59 @@ def _conv3d_matmul_bwd(res, g):
 _conv3d_matmul.defvjp(_conv3d_matmul_fwd, _conv3d_matmul_bwd)
 
 
+def _onednn_call(name: str, shape: tuple[int, ...], *args: jax.Array) -> jax.Array:
+    """One of the three oneDNN custom calls; the result has the operands' dtype."""
+    native.load()
+    out = jax.ShapeDtypeStruct(shape, args[0].dtype)
+    return jax.ffi.ffi_call(native.TARGETS[name], out, vmap_method="sequential")(*args)
+
+
+@jax.custom_vjp
+def _conv3d_onednn(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _onednn_call("forward", (*x.shape[:-1], kernel.shape[-1]), x, kernel)
+
+
+def _conv3d_onednn_fwd(x, kernel):
+    return _conv3d_onednn(x, kernel), (x, kernel)
+
+
+def _conv3d_onednn_bwd(res, g):
+    x, kernel = res
+    # Each gradient is its own custom call, so XLA drops the input gradient where nothing
+    # uses it (the first layer's).
+    dx = _onednn_call("backward_data", x.shape, g, kernel)
+    return dx, _onednn_call("backward_weights", kernel.shape, x, g)
+
+
+_conv3d_onednn.defvjp(_conv3d_onednn_fwd, _conv3d_onednn_bwd)
+
+
 def default_conv_impl(backend: str | None = None) -> str:
-    """What `model.conv_impl = "auto"` means: "matmul" on the CPU backend, where XLA runs
-    3D convolutions on a generic path but matmuls fast; "xla3d" on GPU/TPU, where the
-    convolution goes to cuDNN / the TPU compiler."""
-    return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla3d"
+    """What `model.conv_impl = "auto"` means. On GPU/TPU "xla3d" (cuDNN / the TPU
+    compiler). On the CPU backend "onednn" where it can run (see `transvw_jax.native`)
+    and there is one device: XLA does not know how to split a custom call along a
+    sharded batch, so with several (simulated) CPU devices "matmul", XLA's own fast path,
+    keeps the batch sharded. Without oneDNN, "matmul" too."""
+    if (backend or jax.default_backend()) != "cpu":
+        return "xla3d"
+    if jax.device_count() == 1 and native.unavailable_reason() is None:
+        return "onednn"
+    return "matmul"
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Array:
     """Stride-1 'same' 3D convolution (cross-correlation) of x (B, X, Y, Z, C_in) with
     kernel (kx, ky, kz, C_in, C_out), odd kernel sizes.
 
-    impl="xla3d" is XLA's 3D convolution. impl="matmul" (the CPU default, see
-    `default_conv_impl`) computes it, and both its gradients (a custom VJP), as matmuls of
-    patch matrices built slab of x-planes by slab: the input gradient is the same
-    correlation of the output gradient with the kernel flipped and transposed, the
-    kernel gradient patches(x)^T @ g. Measured on this project's 2-core CPU
-    (benchmarks/RESULTS.md): forward at batch 2 of 64x64x32 in benchmarks/conv_forms.py,
-    and the YNet3D training step 20.8 ->
-    13.6 s (benchmarks/train_step.py). impl="depth2d" writes it as
+    impl="xla3d" is XLA's 3D convolution. impl="onednn" (the CPU default where it can
+    run, see `default_conv_impl`) calls oneDNN's convolution, forward and both gradients,
+    through XLA FFI custom calls (`transvw_jax.native`), in float32 or bfloat16 (other
+    dtypes take the matmul form): YNet3D's training step 15.2 -> 7.6 s on this project's 2-core AMD
+    CPU (benchmarks/RESULTS.md), as fast as PyTorch's. impl="matmul" computes it, and
+    both its gradients (a custom VJP), as matmuls of patch matrices built slab of x-planes
+    by slab: the input gradient is the same correlation of the output gradient with the
+    kernel flipped and transposed, the kernel gradient patches(x)^T @ g (training step
+    20.8 -> 13.6 s against xla3d on a 2-core Xeon). impl="depth2d" writes it as
     kx 2D convolutions over (Y, Z) on depth-shifted slices, summed (XLA:CPU sends 2D
     convolutions to YNNPACK): faster forward than xla3d, slower autodiff backward.
     """
@@ -166,6 +202,10 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Arr
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     if impl == "matmul":
         return _conv3d_matmul(x, kernel)
+    if impl == "onednn":
+        if x.dtype not in (jnp.float32, jnp.bfloat16) or kernel.dtype != x.dtype:
+            return _conv3d_matmul(x, kernel)  # the custom calls take float32 or bfloat16
+        return _conv3d_onednn(x, kernel)
     if impl != "depth2d":
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
     b, sx, sy, sz, cin = x.shape

@@ -1,0 +1,131 @@
+"""Native CPU kernels: the oneDNN 3D convolution behind `model.conv_impl = "onednn"`.
+
+XLA:CPU has no fast 3D convolution; oneDNN (the library PyTorch's CPU convolutions run
+on) does. `onednn_conv.cc` wraps its forward, input-gradient and kernel-gradient
+convolutions as XLA FFI custom calls. It is compiled here on first use (a few seconds,
+g++), against the headers of the installed jaxlib and of oneDNN (the `onednn` extra:
+PyPI's `onednn-cpu-gomp` + `onednn-devel-cpu-gomp`, or `$TRANSVW_ONEDNN_ROOT` pointing at
+a prefix with include/oneapi/dnnl and lib/libdnnl.so), and cached as a shared library
+keyed by everything that goes into it. Nothing here runs unless that path is chosen.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+SOURCE = Path(__file__).with_name("onednn_conv.cc")
+ROOT_ENV = "TRANSVW_ONEDNN_ROOT"
+CACHE_ENV = "TRANSVW_CACHE_DIR"
+TARGETS = {
+    "forward": "TransvwConv3dForward",
+    "backward_data": "TransvwConv3dBackwardData",
+    "backward_weights": "TransvwConv3dBackwardWeights",
+}
+
+
+class OneDNNUnavailable(RuntimeError):
+    """The oneDNN convolution cannot be built or loaded here; the message says why."""
+
+
+def _lib_dir(prefix: Path) -> Path | None:
+    for sub in ("lib", "lib64", "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu"):
+        if any((prefix / sub).glob("libdnnl.so*")):
+            return prefix / sub
+    return None
+
+
+def find_onednn() -> tuple[Path, Path]:
+    """(include dir, lib dir) of a oneDNN installation: `$TRANSVW_ONEDNN_ROOT`, else the
+    prefixes pip installs data files into (this environment's, the user's), else /usr."""
+    env = os.environ.get(ROOT_ENV)
+    prefixes = [Path(env)] if env else [
+        Path(sys.prefix), Path(site.getuserbase()), Path("/usr/local"), Path("/usr")]
+    for prefix in prefixes:
+        lib = _lib_dir(prefix)
+        if (prefix / "include/oneapi/dnnl/dnnl.hpp").is_file() and lib is not None:
+            return prefix / "include", lib
+    where = env if env else ", ".join(str(p) for p in prefixes)
+    raise OneDNNUnavailable(
+        f"oneDNN headers and libdnnl.so not found under {where}: pip install 'transvw-jax[onednn]' "
+        f"(or set {ROOT_ENV})")
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels live: `$TRANSVW_CACHE_DIR`, else `$XDG_CACHE_HOME/transvw_jax`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transvw_jax"
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile onednn_conv.cc (if not cached) and return the shared library's path. The
+    library is written under a temporary name and renamed into place, so concurrent
+    processes never load a half-written file."""
+    include, lib = find_onednn()
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        name = os.environ.get("CXX", "g++")
+        raise OneDNNUnavailable(f"no C++ compiler ({name}) on PATH to build {SOURCE.name}")
+    cmd = [compiler, "-O2", "-std=c++17", "-w", "-shared", "-fPIC", str(SOURCE), f"-I{jax.ffi.include_dir()}",
+           f"-I{include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+    recipe = "\0".join([SOURCE.read_text(), jax.__version__, *cmd[1:]])
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    out_dir = cache_dir() if out_dir is None else out_dir
+    target = out_dir / f"onednn_conv-{digest}.so"
+    if target.is_file():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:300])
+            raise OneDNNUnavailable(f"building {SOURCE.name} failed: {first}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """Build (once per machine), load and register the custom calls with XLA's CPU
+    backend. Raises OneDNNUnavailable saying why when that is not possible."""
+    library = ctypes.CDLL(str(build()))
+    for target in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    return library
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the oneDNN convolution can run here, else the reason it cannot."""
+    try:
+        load()
+    except (OneDNNUnavailable, OSError) as e:
+        return str(e)
+    return None
+
+
+def impl_info(batch: int, spatial: tuple[int, int, int], cin: int, cout: int, k: int = 3) -> str:
+    """The oneDNN implementations chosen for a shape's forward | input grad | kernel grad
+    (e.g. "brg_conv_fwd:avx512_core"): for benchmark reports."""
+    library = load()
+    buf = ctypes.create_string_buffer(512)
+    fn = library.transvw_onednn_impl_info
+    fn.argtypes = [ctypes.c_int64] * 7 + [ctypes.c_char_p, ctypes.c_int]
+    fn(batch, *spatial, cin, cout, k, buf, len(buf))
+    return buf.value.decode()
