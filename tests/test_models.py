@@ -268,6 +268,19 @@ def test_onednn_bfloat16_matches_float32_within_bf16_rounding():
         assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b))) < 1e-2
 
 
+def test_onednn_bfloat16_falls_back_where_the_cpu_has_none():
+    """Without AVX-512 (simulated with oneDNN's ISA cap) oneDNN has no bfloat16
+    convolution: bfloat16 layers then take the matmul form instead of failing."""
+    code = ("import jax.numpy as jnp; from transvw_jax import native; "
+            "from transvw_jax.models.layers import conv3d_same; "
+            "b = jnp.bfloat16; "
+            "y = conv3d_same(jnp.ones((1, 8, 8, 8, 2), b), jnp.ones((3, 3, 3, 2, 4), b), 'onednn'); "
+            "print(native.supports_bfloat16(), y.dtype, float(y[0, 4, 4, 4, 0]))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-3:] == ["False", "bfloat16", "54.0"]
+
+
 def test_onednn_rejects_mismatched_channels():
     from transvw_jax.models.layers import _onednn_call
 

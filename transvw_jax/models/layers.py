@@ -187,15 +187,16 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Arr
 
     impl="xla3d" is XLA's 3D convolution. impl="onednn" (the CPU default where it can
     run, see `default_conv_impl`) calls oneDNN's convolution, forward and both gradients,
-    through XLA FFI custom calls (`transvw_jax.native`), in float32 or bfloat16 (other
-    dtypes take the matmul form): YNet3D's training step 15.2 -> 7.6 s on this project's 2-core AMD
-    CPU (benchmarks/RESULTS.md), as fast as PyTorch's. impl="matmul" computes it, and
-    both its gradients (a custom VJP), as matmuls of patch matrices built slab of x-planes
-    by slab: the input gradient is the same correlation of the output gradient with the
-    kernel flipped and transposed, the kernel gradient patches(x)^T @ g (training step
-    20.8 -> 13.6 s against xla3d on a 2-core Xeon). impl="depth2d" writes it as
-    kx 2D convolutions over (Y, Z) on depth-shifted slices, summed (XLA:CPU sends 2D
-    convolutions to YNNPACK): faster forward than xla3d, slower autodiff backward.
+    through XLA FFI custom calls (`transvw_jax.native`), in float32, or bfloat16 on CPUs
+    with AVX-512 (other cases take the matmul form): YNet3D's training step 15.2 -> 7.6 s
+    on this project's 2-core AMD CPU (benchmarks/RESULTS.md), as fast as PyTorch's.
+    impl="matmul" computes it, and both its gradients (a custom VJP), as matmuls of patch
+    matrices built slab of x-planes by slab: the input gradient is the same correlation
+    of the output gradient with the kernel flipped and transposed, the kernel gradient
+    patches(x)^T @ g (training step 20.8 -> 13.6 s against xla3d on a 2-core Xeon).
+    impl="depth2d" writes it as kx 2D convolutions over (Y, Z) on depth-shifted slices,
+    summed (XLA:CPU sends 2D convolutions to YNNPACK): faster forward than xla3d, slower
+    autodiff backward.
     """
     if impl == "xla3d":
         return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
@@ -203,8 +204,9 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Arr
     if impl == "matmul":
         return _conv3d_matmul(x, kernel)
     if impl == "onednn":
-        if x.dtype not in (jnp.float32, jnp.bfloat16) or kernel.dtype != x.dtype:
-            return _conv3d_matmul(x, kernel)  # the custom calls take float32 or bfloat16
+        supported = x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and native.supports_bfloat16())
+        if not supported or kernel.dtype != x.dtype:
+            return _conv3d_matmul(x, kernel)  # float32, and bfloat16 where the CPU has it
         return _conv3d_onednn(x, kernel)
     if impl != "depth2d":
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")

@@ -120,6 +120,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
+def supports_bfloat16() -> bool:
+    """Whether oneDNN has a bfloat16 convolution on this CPU (AVX-512 ones do; AVX2-only
+    ones do not, and there bfloat16 layers stay on XLA's matmul form)."""
+    return bool(load().transvw_onednn_supports_bf16())
+
+
 def impl_info(batch: int, spatial: tuple[int, int, int], cin: int, cout: int, k: int = 3) -> str:
     """The oneDNN implementations chosen for a shape's forward | input grad | kernel grad
     (e.g. "brg_conv_fwd:avx512_core"): for benchmark reports."""

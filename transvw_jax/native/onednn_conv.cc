@@ -231,3 +231,14 @@ extern "C" int transvw_onednn_impl_info(int64_t b, int64_t sx, int64_t sy, int64
     return 1;
   }
 }
+
+// 1 when this CPU (and ONEDNN_MAX_CPU_ISA) gives oneDNN a bfloat16 convolution, else 0:
+// CPUs without AVX-512 have none, and there the model keeps bfloat16 layers on XLA.
+extern "C" int transvw_onednn_supports_bf16() {
+  try {
+    make_conv(Key{1, 4, 4, 4, 16, 16, 3, dt::bf16});
+    return 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+}
