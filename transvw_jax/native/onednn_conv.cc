@@ -12,12 +12,12 @@
 // passes); weights are reordered to whatever blocked layout the chosen kernel wants, which
 // costs little (they are small). Primitives are built once per shape and cached.
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -56,13 +56,10 @@ std::unique_ptr<Conv> make_conv(const Key& key) {
   conv->act_out = memory::desc({b, cout, sx, sy, sz}, type, tag::ndhwc);
   conv->w_user = memory::desc({cout, cin, k, k, k}, type, tag::dhwio);
   memory::desc w_any({cout, cin, k, k, k}, type, tag::any);
-  const char* layout = std::getenv("TRANSVW_ONEDNN_LAYOUT");
-  bool blocked = layout && std::string(layout) == "blocked";
-  memory::desc in_pd = blocked ? memory::desc({b, cin, sx, sy, sz}, type, tag::any) : conv->act_in;
-  memory::desc out_pd = blocked ? memory::desc({b, cout, sx, sy, sz}, type, tag::any) : conv->act_out;
+  const memory::desc &in_pd = conv->act_in, &out_pd = conv->act_out;
   memory::dims strides{1, 1, 1}, pad{k / 2, k / 2, k / 2};
   auto alg = dnnl::algorithm::convolution_direct;
-  // Each execution gets its own scratchpad (see `scratchpad`), never the library's.
+  // Each execution gets its own scratchpad (see `run_pass`), never the library's.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   conv->fwd_pd = dnnl::convolution_forward::primitive_desc(
@@ -114,7 +111,7 @@ ffi::ErrorOr<Key> key_of(ffi::Span<const int64_t> act, ffi::Span<const int64_t> 
 // One call at a time: XLA runs independent custom calls concurrently (a layer's input and
 // kernel gradients, for one); each call already uses every core through OpenMP, so
 // running two at once only oversubscribes the cores. Scratchpads are per execution
-// (user-managed), not oneDNN's shared one.
+// (user-managed, see `run_pass`), not oneDNN's shared one.
 template <typename F>
 ffi::Error guarded(F&& fn) {
   static std::mutex exec_mu;
@@ -123,30 +120,48 @@ ffi::Error guarded(F&& fn) {
     fn();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn conv3d: ") + e.what());
   }
   return ffi::Error::Success();
 }
 
 void* ptr(const void* p) { return const_cast<void*>(p); }
 
-// A fresh scratchpad for one execution of a primitive.
-memory scratchpad(const dnnl::primitive_desc_base& pd) { return memory(pd.scratchpad_desc(), cpu_engine()); }
+// One operand of a pass: its execution argument, its layout in XLA's buffer, the buffer.
+struct Operand {
+  int arg;
+  const memory::desc& user;
+  void* data;
+};
 
-// `user` as the primitive wants it (`want`): itself, or a reordered copy.
-memory as_input(memory user, const memory::desc& want, dnnl::stream& s) {
-  if (user.get_desc() == want) return user;
-  memory m(want, user.get_engine());
-  dnnl::reorder(user, m).execute(s, user, m);
-  return m;
-}
-
-// Where the primitive writes an output that must end up in `user`.
-memory output_for(memory user, const memory::desc& want) {
-  return user.get_desc() == want ? user : memory(want, user.get_engine());
-}
-
-void copy_back(memory out, memory user, dnnl::stream& s) {
-  if (out.get(true) != user.get(true)) dnnl::reorder(out, user).execute(s, out, user);
+// Executes one pass (forward, input gradient or kernel gradient: two operands in, one out)
+// with its own scratchpad. An operand whose layout differs from the one the primitive
+// chose (only ever the kernel: activations are channels-last on both sides) is reordered
+// on the way in, or on the way out.
+void run_pass(const dnnl::primitive_desc_base& pd, const dnnl::primitive& prim, Operand a, Operand b,
+              Operand out) {
+  auto& eng = cpu_engine();
+  dnnl::stream s(eng);
+  std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)}};
+  for (const Operand* in : {&a, &b}) {
+    memory user(in->user, eng, in->data);
+    memory::desc want = pd.query_md(dnnl::query::exec_arg_md, in->arg);
+    if (want == in->user) {
+      args[in->arg] = user;
+    } else {
+      memory m(want, eng);
+      dnnl::reorder(user, m).execute(s, user, m);
+      args[in->arg] = m;
+    }
+  }
+  memory user_out(out.user, eng, out.data);
+  memory::desc want = pd.query_md(dnnl::query::exec_arg_md, out.arg);
+  memory result = want == out.user ? user_out : memory(want, eng);
+  args[out.arg] = result;
+  prim.execute(s, args);
+  if (want != out.user) dnnl::reorder(result, user_out).execute(s, result, user_out);
+  s.wait();
 }
 
 ffi::Error conv_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
@@ -154,15 +169,8 @@ ffi::Error conv_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuff
   if (key.has_error()) return key.error();
   return guarded([&] {
     Conv& c = get_conv(key.value());
-    auto& eng = cpu_engine();
-    dnnl::stream s(eng);
-    memory src = as_input(memory(c.act_in, eng, ptr(x.untyped_data())), c.fwd_pd.src_desc(), s);
-    memory weights = as_input(memory(c.w_user, eng, ptr(w.untyped_data())), c.fwd_pd.weights_desc(), s);
-    memory y_user(c.act_out, eng, y->untyped_data()), dst = output_for(y_user, c.fwd_pd.dst_desc());
-    c.fwd.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst},
-                      {DNNL_ARG_SCRATCHPAD, scratchpad(c.fwd_pd)}});
-    copy_back(dst, y_user, s);
-    s.wait();
+    run_pass(c.fwd_pd, c.fwd, {DNNL_ARG_SRC, c.act_in, ptr(x.untyped_data())},
+             {DNNL_ARG_WEIGHTS, c.w_user, ptr(w.untyped_data())}, {DNNL_ARG_DST, c.act_out, y->untyped_data()});
   });
 }
 
@@ -175,35 +183,23 @@ ffi::Error conv_bwd_data(ffi::AnyBuffer g, ffi::AnyBuffer w, ffi::Result<ffi::An
   if (key.has_error()) return key.error();
   return guarded([&] {
     Conv& c = get_conv(key.value());
-    auto& eng = cpu_engine();
-    dnnl::stream s(eng);
-    memory diff_dst = as_input(memory(c.act_out, eng, ptr(g.untyped_data())), c.bwd_data_pd.diff_dst_desc(), s);
-    memory weights = as_input(memory(c.w_user, eng, ptr(w.untyped_data())), c.bwd_data_pd.weights_desc(), s);
-    memory dx_user(c.act_in, eng, dx->untyped_data()), diff_src = output_for(dx_user, c.bwd_data_pd.diff_src_desc());
-    c.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights},
-                           {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_SCRATCHPAD, scratchpad(c.bwd_data_pd)}});
-    copy_back(diff_src, dx_user, s);
-    s.wait();
+    run_pass(c.bwd_data_pd, c.bwd_data, {DNNL_ARG_DIFF_DST, c.act_out, ptr(g.untyped_data())},
+             {DNNL_ARG_WEIGHTS, c.w_user, ptr(w.untyped_data())},
+             {DNNL_ARG_DIFF_SRC, c.act_in, dx->untyped_data()});
   });
 }
 
 ffi::Error conv_bwd_weights(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dw) {
-  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  auto gd = g.dimensions(), wd = dw->dimensions();
   if (gd.size() != 5 || wd.size() != 5 || gd[4] != wd[4])
     return ffi::Error::InvalidArgument("onednn conv3d backward weights: output channels differ from the kernel's");
-  auto key = key_of(xd, wd, x.element_type(), g.element_type());
+  auto key = key_of(x.dimensions(), wd, x.element_type(), g.element_type());
   if (key.has_error()) return key.error();
   return guarded([&] {
     Conv& c = get_conv(key.value());
-    auto& eng = cpu_engine();
-    dnnl::stream s(eng);
-    memory src = as_input(memory(c.act_in, eng, ptr(x.untyped_data())), c.bwd_w_pd.src_desc(), s);
-    memory diff_dst = as_input(memory(c.act_out, eng, ptr(g.untyped_data())), c.bwd_w_pd.diff_dst_desc(), s);
-    memory dw_user(c.w_user, eng, dw->untyped_data()), diff_w = output_for(dw_user, c.bwd_w_pd.diff_weights_desc());
-    c.bwd_w.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_w},
-                        {DNNL_ARG_SCRATCHPAD, scratchpad(c.bwd_w_pd)}});
-    copy_back(diff_w, dw_user, s);
-    s.wait();
+    run_pass(c.bwd_w_pd, c.bwd_w, {DNNL_ARG_SRC, c.act_in, ptr(x.untyped_data())},
+             {DNNL_ARG_DIFF_DST, c.act_out, ptr(g.untyped_data())},
+             {DNNL_ARG_DIFF_WEIGHTS, c.w_user, dw->untyped_data()});
   });
 }
 
