@@ -6,10 +6,13 @@ point Bezier curve with np.interp, scipy's gaussian_filter + map_coordinates), r
 one process on one core. Prints JSON lines:
   {"what": "transform/<name>" | "policy/<name>", "impl": "jax" | "numpy", "shape", "batch",
    "dtype", "device", "cubes_per_s"}
-and one line per policy with "what": "speedup/<policy>" and "ratio" (jax / numpy).
+and one line per policy with "what": "speedup/<policy>" and "ratio" (jax / numpy). The
+elastic and TransVW lines also say which elastic implementation ran ("elastic_impl": xla,
+or native, the CPU custom call that "auto" picks on a one-device CPU backend).
 
   python benchmarks/transforms.py                      # batch 64 of 64x64x32, float32
   python benchmarks/transforms.py --only policy --numpy-cubes 10
+  python benchmarks/transforms.py --only elastic --elastic-impl xla --no-numpy
 """
 
 from __future__ import annotations
@@ -124,12 +127,13 @@ def np_genesis(rng, x):
 
 
 # --------------------------------------------------------------------------- cases
-def cases(chunk: int):
+def cases(chunk: int, elastic_impl: str = "auto"):
     """(what, batch function (keys, cubes) -> outputs, numpy per-cube function). Single
     transforms are a jit(vmap) of the per-cube function; the policies run as the train
     step runs them (`transforms.batch_policy`, all three outputs, `chunk` cubes at a time)."""
     transvw_cfg, genesis_cfg = T.default_config("transvw"), T.default_config("genesis")
     transvw_cfg.batch_chunk = genesis_cfg.batch_chunk = chunk
+    transvw_cfg.elastic.impl = elastic_impl
     flip_only = lambda k, x: T.flip(k, x, x, 0.4)[0]  # noqa: E731
     single = [
         ("transform/nonlinear", T.nonlinear, np_nonlinear),
@@ -142,7 +146,7 @@ def cases(chunk: int):
         ("transform/out_paint_1+4", functools.partial(T.out_paint, max_extra_blocks=4),
          functools.partial(np_out_paint, max_extra_blocks=4)),
         ("transform/flip", flip_only, lambda rng, x: np_flip(rng, x, x)[0]),
-        ("transform/elastic", T.elastic, np_elastic),
+        ("transform/elastic", functools.partial(T.elastic, impl=elastic_impl), np_elastic),
     ]
     return [(what, jax.vmap(fn), np_fn) for what, fn, np_fn in single] + [
         ("policy/transvw", functools.partial(T.batch_policy, cfg=transvw_cfg), np_transvw),
@@ -185,8 +189,10 @@ def main() -> None:
     p.add_argument("--only", default="", help="substring filter on 'what'")
     p.add_argument("--no-numpy", action="store_true")
     p.add_argument("--chunk", type=int, default=-1,
-                   help="transforms.batch_chunk for the policies: -1 auto (CPU: TransVW 16, Genesis "
-                        "whole batch), 0 whole batch")
+                   help="transforms.batch_chunk for the policies: -1 auto (transforms.CPU_BATCH_CHUNK on "
+                        "the CPU), 0 whole batch")
+    p.add_argument("--elastic-impl", default="auto", choices=T.ELASTIC_IMPLS,
+                   help="transforms.elastic.impl for the elastic transform and the TransVW policy")
     args = p.parse_args()
     shape, device = tuple(args.cube), jax.devices()[0].device_kind
     common = {"shape": list(shape), "batch": args.batch, "dtype": args.dtype,
@@ -194,12 +200,15 @@ def main() -> None:
               "xla_flags": os.environ.get("XLA_FLAGS", "")}
     chunks = {p: T.resolve_batch_chunk(ml_collections.ConfigDict({"batch_chunk": args.chunk, "policy": p}))
               for p in T.POLICIES}
+    elastic_impl = T.resolve_elastic_impl(args.elastic_impl, shape)
     rates = {}
-    for what, jax_fn, np_fn in cases(args.chunk):
+    for what, jax_fn, np_fn in cases(args.chunk, args.elastic_impl):
         if args.only not in what:
             continue
         rate = time_jax(jax_fn, args.batch, shape, args.iters, jnp.dtype(args.dtype))
         extra = {"chunk": chunks[what.split("/")[1]]} if what.startswith("policy/") else {}
+        if what in ("transform/elastic", "policy/transvw"):
+            extra["elastic_impl"] = elastic_impl
         print(json.dumps({"what": what, "impl": "jax", **common, **extra, "device": device,
                           "cubes_per_s": round(rate, 1)}), flush=True)
         if args.no_numpy:

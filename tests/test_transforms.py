@@ -2,6 +2,9 @@
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -242,17 +245,114 @@ def test_flip_happens_with_the_configured_probability():
 
 
 # --------------------------------------------------------------------------- elastic
-def test_elastic_with_zero_alpha_is_the_identity():
+# Both implementations (the suite runs on 8 simulated devices, where "auto" is xla).
+ELASTIC_IMPLS = pytest.mark.parametrize("impl", ["xla", "native"])
+
+
+@ELASTIC_IMPLS
+def test_elastic_with_zero_alpha_is_the_identity(impl):
     x = distinct_cube(SMALL)
-    np.testing.assert_array_equal(np.asarray(T.elastic(jax.random.key(0), jnp.asarray(x), alpha=0.0)), x)
+    out = T.elastic(jax.random.key(0), jnp.asarray(x), alpha=0.0, impl=impl)
+    np.testing.assert_array_equal(np.asarray(out), x)
 
 
-def test_elastic_moves_voxels_only_in_x_and_y():
+@ELASTIC_IMPLS
+def test_elastic_moves_voxels_only_in_x_and_y(impl):
+    fn = functools.partial(T.elastic, impl=impl)
     z_only = np.broadcast_to(np.linspace(0, 1, SMALL[2], dtype=np.float32), SMALL).copy()
-    out = batched(T.elastic, 8, z_only)
+    out = batched(fn, 8, z_only)
     np.testing.assert_allclose(out, np.broadcast_to(z_only, out.shape), atol=1e-6)
     x_ramp = np.broadcast_to(np.linspace(0, 1, SMALL[0], dtype=np.float32)[:, None, None], SMALL).copy()
-    assert np.abs(batched(T.elastic, 8, x_ramp) - x_ramp).max() > 0.05
+    assert np.abs(batched(fn, 8, x_ramp) - x_ramp).max() > 0.05
+
+
+@pytest.mark.parametrize("shape,alpha,sigma", [
+    (SMALL, 991.0, 8.0),
+    ((9, 13, 7), 300.0, 2.0),     # odd sizes, Z below one vector chunk
+    ((6, 5, 40), 991.0, 4.0),     # Z not a multiple of the 16-voxel chunk
+    ((8, 8, 8), 1000.0, 2.0),     # displacements up to ~9 cube widths: the exact reflection path
+])
+def test_native_elastic_equals_the_pure_jax_one(shape, alpha, sigma):
+    """The CPU kernel and the XLA formulation are the same function (to float32 rounding),
+    batched under vmap and on a single cube, with the same key."""
+    x = jnp.asarray(np.random.default_rng(2).random((6, *shape), dtype=np.float32))
+    ks = keys(6, seed=4)
+    run = {impl: jax.jit(jax.vmap(functools.partial(T.elastic, alpha=alpha, sigma=sigma, impl=impl)))
+           for impl in ("xla", "native")}
+    want = np.asarray(run["xla"](ks, x))
+    np.testing.assert_allclose(np.asarray(run["native"](ks, x)), want, atol=2e-5)
+    single = jax.jit(functools.partial(T.elastic, alpha=alpha, sigma=sigma, impl="native"))(ks[1], x[1])
+    np.testing.assert_allclose(np.asarray(single), want[1], atol=2e-5)
+
+
+def test_native_elastic_keeps_the_dtype():
+    x = jnp.asarray(np.random.default_rng(0).random(SMALL), jnp.bfloat16)
+    out = T.elastic(jax.random.key(1), x, impl="native")
+    want = T.elastic(jax.random.key(1), x, impl="xla")
+    assert out.dtype == jnp.bfloat16
+    assert float(jnp.abs(out.astype(jnp.float32) - want.astype(jnp.float32)).max()) <= 2**-7
+
+
+def test_transvw_policy_is_the_same_with_either_elastic_impl():
+    x = jnp.asarray(np.random.default_rng(5).random((8, 20, 20, 10), dtype=np.float32))
+    outs = {}
+    for impl in ("xla", "native"):
+        cfg = T.default_config("transvw")
+        cfg.elastic.impl = impl
+        outs[impl] = jax.jit(lambda k, x, cfg=cfg: T.batch_policy(k, x, cfg))(keys(8, seed=6), x)
+    (a_inp, a_target, a_id), (b_inp, b_target, b_id) = outs["xla"], outs["native"]
+    np.testing.assert_array_equal(np.asarray(a_id), np.asarray(b_id))
+    np.testing.assert_array_equal(np.asarray(a_target), np.asarray(b_target))
+    np.testing.assert_allclose(np.asarray(b_inp), np.asarray(a_inp), atol=2e-5)
+
+
+def test_auto_elastic_impl_is_xla_on_several_devices_native_on_one():
+    assert jax.device_count() > 1 and T.resolve_elastic_impl("auto", (64, 64, 32)) == "xla"
+    code = ("from transvw_jax import transforms as T; s = (64, 64, 32); "
+            "print(T.resolve_elastic_impl('auto', s), T.resolve_elastic_impl('xla', s))")
+    env = {**os.environ, "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["native", "xla"]
+
+
+def test_elastic_impl_config_errors_name_the_key(monkeypatch):
+    from transvw_jax import native
+
+    cfg = T.default_config("transvw")
+    cfg.elastic.impl = "cuda"
+    with pytest.raises(ValueError, match=r"transforms\.elastic\.impl: 'cuda' is not one of auto, xla"):
+        T.validate_config(cfg)
+    cfg.elastic.impl = "native"
+    T.validate_config(cfg)  # builds and loads here
+    with pytest.raises(ValueError, match="smoothing ranks <= 64"):
+        T.resolve_elastic_impl("native", (8, 8, 300), sigma=1.0)
+    monkeypatch.setattr(native, "elastic_unavailable_reason", lambda: "no C++ compiler (g++) on PATH")
+    with pytest.raises(ValueError, match=r"transforms\.elastic\.impl: 'native' cannot run here: no C\+\+"):
+        T.validate_config(cfg)
+    assert T.resolve_elastic_impl("auto", (8, 8, 8)) == "xla"  # auto falls back instead
+
+
+def test_native_elastic_build_is_cached_and_names_a_missing_compiler(tmp_path, monkeypatch):
+    from transvw_jax import native
+
+    first = native.build_elastic(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build_elastic(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler \\(no-such-compiler\\)"):
+        native.build_elastic(tmp_path / "other")
+
+
+def test_native_elastic_rejects_mismatched_operands():
+    from transvw_jax import native
+    from transvw_jax.elastic import _field_factors
+
+    native.load_elastic()
+    core, bx, by, bz = _field_factors(jax.random.key(0), SMALL, 991.0, 8.0)
+    call = jax.ffi.ffi_call(native.ELASTIC_TARGET, jax.ShapeDtypeStruct(SMALL, jnp.float32))
+    with pytest.raises(Exception, match="elastic: bases must be"):
+        jax.block_until_ready(call(jnp.zeros(SMALL), core, by[:-1], by, bz))
 
 
 def test_elastic_sampling_matches_scipy_map_coordinates_with_reflect():

@@ -1,5 +1,13 @@
 """Elastic deformation of TransVW (REFERENCE.md section 3): x and y displacement fields,
-Gaussian-smoothed uniform noise, linear interpolation with reflected edges."""
+Gaussian-smoothed uniform noise, linear interpolation with reflected edges.
+
+Two implementations of the same arithmetic (`impl`): "xla", pure JAX (the definition, and
+what accelerators run), and "native", one XLA FFI custom call on the CPU
+(native/elastic_cpu.cc) that evaluates the low-rank field voxel by voxel instead of writing
+it to memory, and samples with plain loads where XLA:CPU emits a scalar gather loop.
+"auto" takes native on a one-device CPU backend where it can be built, else xla. They
+agree to float32 rounding (tested).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from transvw_jax import cube_ops as C
+from transvw_jax import native
+
+ELASTIC_IMPLS = ("auto", "xla", "native")
+# The native kernel's limit on the smoothing ranks (elastic_cpu.cc: kMaxRank; about n / sigma
+# per axis, 9 x 9 x 5 at 64x64x32 and sigma 8); "auto" uses xla beyond it.
+NATIVE_MAX_RANK = 64
 
 
 @functools.lru_cache(maxsize=32)
@@ -88,8 +102,47 @@ def _sample(x: jax.Array, cx: jax.Array, cy: jax.Array, iz: jax.Array) -> jax.Ar
             + fx * ((1 - fy) * at(x0 + 1, y0) + fy * at(x0 + 1, y0 + 1)))
 
 
-def elastic(key: jax.Array, x: jax.Array, alpha: float = 991.0, sigma: float = 8.0) -> jax.Array:
-    """Elastic deformation in x and y (not z), linear interpolation, reflected edges."""
+def _native_fits(shape, sigma: float) -> bool:
+    return max(_smoothing_basis(int(n), float(sigma)).shape[1] for n in shape) <= NATIVE_MAX_RANK
+
+
+def resolve_impl(impl: str, shape, sigma: float = 8.0) -> str:
+    """"xla" or "native" for a cube shape; raises ValueError naming transforms.elastic.impl
+    when "native" is asked for and cannot run here."""
+    if impl not in ELASTIC_IMPLS:
+        raise ValueError(f"transforms.elastic.impl: {impl!r} is not one of {', '.join(ELASTIC_IMPLS)}")
+    if impl == "xla":
+        return "xla"
+    on_cpu = jax.default_backend() == "cpu"
+    if impl == "auto":
+        # Several devices: XLA cannot split a custom call along a sharded batch axis.
+        usable = on_cpu and jax.device_count() == 1 and _native_fits(shape, sigma)
+        return "native" if usable and native.elastic_unavailable_reason() is None else "xla"
+    if not on_cpu:
+        raise ValueError(f"transforms.elastic.impl: 'native' runs on the CPU backend, "
+                         f"not {jax.default_backend()}")
+    if reason := native.elastic_unavailable_reason():
+        raise ValueError(f"transforms.elastic.impl: 'native' cannot run here: {reason}")
+    if not _native_fits(shape, sigma):
+        raise ValueError(f"transforms.elastic.impl: 'native' handles smoothing ranks <= {NATIVE_MAX_RANK}; "
+                         f"cube {tuple(shape)} with sigma {sigma} needs more (use 'xla')")
+    return "native"
+
+
+def _elastic_native(key: jax.Array, x: jax.Array, alpha: float, sigma: float) -> jax.Array:
+    native.load_elastic()
+    core, bx, by, bz = _field_factors(key, x.shape, alpha, sigma)
+    call = jax.ffi.ffi_call(native.ELASTIC_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                            vmap_method="expand_dims")
+    return call(x.astype(jnp.float32), core, bx, by, bz)
+
+
+def elastic(key: jax.Array, x: jax.Array, alpha: float = 991.0, sigma: float = 8.0,
+            impl: str = "auto") -> jax.Array:
+    """Elastic deformation in x and y (not z), linear interpolation, reflected edges.
+    `impl`: "xla", "native" or "auto" (see the module docstring)."""
+    if resolve_impl(impl, x.shape, sigma) == "native":
+        return _elastic_native(key, x, alpha, sigma).astype(x.dtype)
     dx, dy = elastic_displacement(key, x.shape, alpha, sigma)
     gx, gy, gz = C.grid(x.shape)
     return _sample(x, gx + dx, gy + dy, jnp.broadcast_to(gz, x.shape)).astype(x.dtype)

@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 
 from transvw_jax import cube_ops as C
-from transvw_jax.elastic import elastic, elastic_at, elastic_displacement
+from transvw_jax.elastic import ELASTIC_IMPLS, elastic, elastic_at, elastic_displacement
+from transvw_jax.elastic import resolve_impl as resolve_elastic_impl
 from transvw_jax.shuffle import (
     EXACT_SHUFFLE_MAX_BLOCKS,
     exact_shuffle,
@@ -37,11 +38,11 @@ from transvw_jax.shuffle import (
 )
 
 __all__ = [
-    "EXACT_SHUFFLE_MAX_BLOCKS", "FLIP", "IN_PAINT", "NONLINEAR", "OUT_PAINT", "POLICIES", "SHUFFLE",
-    "TRANSFORM_NAMES", "CPU_BATCH_CHUNK", "apply_policy", "batch_policy", "default_config", "elastic",
-    "elastic_at", "elastic_displacement", "flip", "flip_axes", "genesis", "in_paint", "in_paint_blocks",
-    "local_shuffle", "nonlinear", "nonlinear_curve", "out_paint", "out_paint_blocks",
-    "resolve_batch_chunk", "shuffle_blocks", "transvw", "validate_config",
+    "ELASTIC_IMPLS", "EXACT_SHUFFLE_MAX_BLOCKS", "FLIP", "IN_PAINT", "NONLINEAR", "OUT_PAINT", "POLICIES",
+    "SHUFFLE", "TRANSFORM_NAMES", "CPU_BATCH_CHUNK", "apply_policy", "batch_policy", "default_config",
+    "elastic", "elastic_at", "elastic_displacement", "flip", "flip_axes", "genesis", "in_paint",
+    "in_paint_blocks", "local_shuffle", "nonlinear", "nonlinear_curve", "out_paint", "out_paint_blocks",
+    "resolve_batch_chunk", "resolve_elastic_impl", "shuffle_blocks", "transvw", "validate_config",
 ]
 
 SHUFFLE, NONLINEAR, IN_PAINT, OUT_PAINT, FLIP = range(5)
@@ -57,7 +58,8 @@ def default_config(policy: str = "transvw") -> ml_collections.ConfigDict:
     c.policy = policy
     # TransVW: relative weights of shuffle, non-linear, in-paint, out-paint (0 disables one).
     c.choice_weights = (1.0, 1.0, 1.0, 1.0)
-    c.elastic = dict(enabled=not genesis, alpha=991.0, sigma=8.0)
+    # impl: "auto" (native kernel on a one-device CPU backend, else pure JAX), "xla", "native".
+    c.elastic = dict(enabled=not genesis, alpha=991.0, sigma=8.0, impl="auto")
     c.flip = dict(prob=0.4 if genesis else 0.0, max_flips=3)
     c.local_shuffle = dict(prob=0.5, num_blocks=10_000 if genesis else 5)
     c.nonlinear = dict(prob=0.9)
@@ -95,6 +97,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          f"number of cubes, got {chunk!r}")
     if cfg.in_paint.max_blocks < 1:
         raise ValueError("transforms.in_paint.max_blocks must be at least 1")
+    impl = cfg.elastic.get("impl", "auto")
+    if impl not in ELASTIC_IMPLS:
+        raise ValueError(f"transforms.elastic.impl: {impl!r} is not one of {', '.join(ELASTIC_IMPLS)}")
+    if impl == "native" and cfg.elastic.enabled:
+        resolve_elastic_impl(impl, (8, 8, 8), cfg.elastic.sigma)  # raises if it cannot run here
 
 
 # --------------------------------------------------------------------------- non-linear
@@ -254,8 +261,13 @@ def transvw(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     read = None
     if cfg.elastic.enabled:
         e = cfg.elastic
-        read = functools.partial(elastic_at, k_elastic, x, alpha=e.alpha, sigma=e.sigma)
-        x = elastic(k_elastic, x, e.alpha, e.sigma)
+        impl = resolve_elastic_impl(e.get("impl", "auto"), x.shape, e.sigma)
+        if impl == "xla":
+            # The shuffle reads its sources through the elastic map, so the deformed cube
+            # has one consumer and XLA computes it once; the native kernel's output is a
+            # buffer anyway, and the shuffle reads that.
+            read = functools.partial(elastic_at, k_elastic, x, alpha=e.alpha, sigma=e.sigma)
+        x = elastic(k_elastic, x, e.alpha, e.sigma, impl=impl)
     weights = np.asarray(cfg.choice_weights, np.float32)
     choice = jax.random.choice(k_choice, 4, p=jnp.asarray(weights / weights.sum())).astype(jnp.int32)
     x = _shuffle_where(k_t, x, choice == SHUFFLE, cfg.local_shuffle.num_blocks, read)

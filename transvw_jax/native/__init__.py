@@ -1,4 +1,5 @@
-"""Native CPU kernels: the oneDNN 3D convolution behind `model.conv_impl = "onednn"`.
+"""Native CPU kernels: the oneDNN 3D convolution behind `model.conv_impl = "onednn"`, and
+the TransVW elastic deformation behind `transforms.elastic.impl = "native"`.
 
 XLA:CPU has no fast 3D convolution; oneDNN (the library PyTorch's CPU convolutions run
 on) does. `onednn_conv.cc` wraps its forward, input-gradient and kernel-gradient
@@ -7,6 +8,11 @@ g++), against the headers of the installed jaxlib and of oneDNN (the `onednn` ex
 PyPI's `onednn-cpu-gomp` + `onednn-devel-cpu-gomp`, or `$TRANSVW_ONEDNN_ROOT` pointing at
 a prefix with include/oneapi/dnnl and lib/libdnnl.so), and cached as a shared library
 keyed by everything that goes into it. Nothing here runs unless that path is chosen.
+
+`elastic_cpu.cc` needs only a C++ compiler and jaxlib's FFI headers (no oneDNN). It is
+compiled for this machine's CPU (`-march=native`), so its cache key includes the CPU's
+model and feature flags: a cache directory shared by different machines keeps one
+library per kind of CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import site
 import subprocess
@@ -25,6 +32,8 @@ from pathlib import Path
 import jax
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
+ELASTIC_SOURCE = Path(__file__).with_name("elastic_cpu.cc")
+ELASTIC_TARGET = "TransvwElastic"
 ROOT_ENV = "TRANSVW_ONEDNN_ROOT"
 CACHE_ENV = "TRANSVW_CACHE_DIR"
 TARGETS = {
@@ -34,7 +43,11 @@ TARGETS = {
 }
 
 
-class OneDNNUnavailable(RuntimeError):
+class NativeUnavailable(RuntimeError):
+    """A native kernel cannot be built or loaded here; the message says why."""
+
+
+class OneDNNUnavailable(NativeUnavailable):
     """The oneDNN convolution cannot be built or loaded here; the message says why."""
 
 
@@ -68,21 +81,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transvw_jax"
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile onednn_conv.cc (if not cached) and return the shared library's path. The
+def _compile(source: Path, flags: list[str], out_dir: Path | None, key_extra: str = "",
+             error: type[NativeUnavailable] = NativeUnavailable) -> Path:
+    """Compile `source` into a shared library (if not cached) and return its path. The
     library is written under a temporary name and renamed into place, so concurrent
     processes never load a half-written file."""
-    include, lib = find_onednn()
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         name = os.environ.get("CXX", "g++")
-        raise OneDNNUnavailable(f"no C++ compiler ({name}) on PATH to build {SOURCE.name}")
-    cmd = [compiler, "-O2", "-std=c++17", "-w", "-shared", "-fPIC", str(SOURCE), f"-I{jax.ffi.include_dir()}",
-           f"-I{include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
-    recipe = "\0".join([SOURCE.read_text(), jax.__version__, *cmd[1:]])
+        raise error(f"no C++ compiler ({name}) on PATH to build {source.name}")
+    cmd = [compiler, "-std=c++17", "-w", "-shared", "-fPIC", str(source), f"-I{jax.ffi.include_dir()}",
+           *flags]
+    recipe = "\0".join([source.read_text(), jax.__version__, key_extra, *cmd[1:]])
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     out_dir = cache_dir() if out_dir is None else out_dir
-    target = out_dir / f"onednn_conv-{digest}.so"
+    target = out_dir / f"{source.stem}-{digest}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,12 +105,59 @@ def build(out_dir: Path | None = None) -> Path:
         done = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:300])
-            raise OneDNNUnavailable(f"building {SOURCE.name} failed: {first}")
+            raise error(f"building {source.name} failed: {first}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile onednn_conv.cc (if not cached) and return the shared library's path."""
+    include, lib = find_onednn()
+    flags = ["-O2", f"-I{include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+    return _compile(SOURCE, flags, out_dir, error=OneDNNUnavailable)
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags: what `-march=native` code depends on."""
+    lines = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part"):
+                    lines.append(line.strip())
+                if line.strip() == "":
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
+def build_elastic(out_dir: Path | None = None) -> Path:
+    """Compile elastic_cpu.cc for this CPU (if not cached) and return the library's path.
+    `-fno-trapping-math` lets the compiler vectorise the float-to-index conversions."""
+    return _compile(ELASTIC_SOURCE, ["-O3", "-march=native", "-fno-trapping-math"], out_dir,
+                    key_extra=_cpu_identity())
+
+
+@functools.cache
+def load_elastic() -> ctypes.CDLL:
+    """Build (once per machine and CPU), load and register the elastic custom call."""
+    library = ctypes.CDLL(str(build_elastic()))
+    jax.ffi.register_ffi_target(ELASTIC_TARGET, jax.ffi.pycapsule(library.TransvwElastic), platform="cpu")
+    return library
+
+
+@functools.cache
+def elastic_unavailable_reason() -> str | None:
+    """None when the native elastic kernel can run here, else the reason it cannot."""
+    try:
+        load_elastic()
+    except (NativeUnavailable, OSError) as e:
+        return str(e)
+    return None
 
 
 @functools.cache
