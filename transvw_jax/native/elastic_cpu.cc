@@ -121,8 +121,8 @@ inline int32_t reflect_any(int32_t i, int32_t n) {
 // The four taps of a bilinear sample, (x[p, q], x[p, q'], x[p', q], x[p', q']) with p' =
 // reflect(p + 1), q' = reflect(q + 1), side by side for every voxel (p, q, k): a cube's
 // "tap pack", 4x its size. One 16-byte load then fetches all four taps of a voxel, where
-// the plain layout needs four scattered loads (or a vector gather, ~3x slower per element
-// on Zen 4): measured 2.3-2.7 against 5.1-5.4 ns per voxel on one core, pack included.
+// the plain layout needs four scattered loads (vector gathers were no faster than those on
+// Zen 4): measured 2.3-2.7 against 5.1-5.4 ns per voxel on one core, pack included.
 void build_pack(const float* __restrict x, int64_t sx, int64_t sy, int64_t sz, float* __restrict pack) {
   for (int64_t i = 0; i < sx; ++i)
     for (int64_t j = 0; j < sy; ++j) {
