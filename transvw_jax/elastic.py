@@ -106,27 +106,32 @@ def _native_fits(shape, sigma: float) -> bool:
     return max(_smoothing_basis(int(n), float(sigma)).shape[1] for n in shape) <= NATIVE_MAX_RANK
 
 
-def resolve_impl(impl: str, shape, sigma: float = 8.0) -> str:
-    """"xla" or "native" for a cube shape; raises ValueError naming transforms.elastic.impl
-    when "native" is asked for and cannot run here."""
+def check_impl(impl: str) -> None:
+    """Raise ValueError naming transforms.elastic.impl when `impl` is unknown, or is
+    "native" and the kernel cannot run here (not the CPU backend, no compiler, ...)."""
     if impl not in ELASTIC_IMPLS:
         raise ValueError(f"transforms.elastic.impl: {impl!r} is not one of {', '.join(ELASTIC_IMPLS)}")
-    if impl == "xla":
-        return "xla"
-    on_cpu = jax.default_backend() == "cpu"
-    if impl == "auto":
-        # Several devices: XLA cannot split a custom call along a sharded batch axis.
-        usable = on_cpu and jax.device_count() == 1 and _native_fits(shape, sigma)
-        return "native" if usable and native.elastic_unavailable_reason() is None else "xla"
-    if not on_cpu:
+    if impl != "native":
+        return
+    if jax.default_backend() != "cpu":
         raise ValueError(f"transforms.elastic.impl: 'native' runs on the CPU backend, "
                          f"not {jax.default_backend()}")
     if reason := native.elastic_unavailable_reason():
         raise ValueError(f"transforms.elastic.impl: 'native' cannot run here: {reason}")
-    if not _native_fits(shape, sigma):
+
+
+def resolve_impl(impl: str, shape, sigma: float = 8.0) -> str:
+    """"xla" or "native" for a cube shape; raises ValueError naming transforms.elastic.impl
+    when "native" is asked for and cannot run here (see `check_impl`) or on this shape."""
+    check_impl(impl)
+    if impl == "auto":
+        # Several devices: XLA cannot split a custom call along a sharded batch axis.
+        usable = jax.default_backend() == "cpu" and jax.device_count() == 1 and _native_fits(shape, sigma)
+        return "native" if usable and native.elastic_unavailable_reason() is None else "xla"
+    if impl == "native" and not _native_fits(shape, sigma):
         raise ValueError(f"transforms.elastic.impl: 'native' handles smoothing ranks <= {NATIVE_MAX_RANK}; "
                          f"cube {tuple(shape)} with sigma {sigma} needs more (use 'xla')")
-    return "native"
+    return impl
 
 
 def _elastic_native(key: jax.Array, x: jax.Array, alpha: float, sigma: float) -> jax.Array:

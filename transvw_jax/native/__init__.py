@@ -142,42 +142,47 @@ def build_elastic(out_dir: Path | None = None) -> Path:
                     key_extra=_cpu_identity())
 
 
-@functools.cache
-def load_elastic() -> ctypes.CDLL:
-    """Build (once per machine and CPU), load and register the elastic custom call."""
-    library = ctypes.CDLL(str(build_elastic()))
-    jax.ffi.register_ffi_target(ELASTIC_TARGET, jax.ffi.pycapsule(library.TransvwElastic), platform="cpu")
+def _load(path: Path, targets) -> ctypes.CDLL:
+    """Load a built library and register its FFI handlers (symbol = target name) with XLA's
+    CPU backend."""
+    library = ctypes.CDLL(str(path))
+    for target in targets:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return library
 
 
-@functools.cache
-def elastic_unavailable_reason() -> str | None:
-    """None when the native elastic kernel can run here, else the reason it cannot."""
+def _reason(loader) -> str | None:
+    """None when `loader()` succeeds, else why it cannot build or load."""
     try:
-        load_elastic()
+        loader()
     except (NativeUnavailable, OSError) as e:
         return str(e)
     return None
 
 
 @functools.cache
+def load_elastic() -> ctypes.CDLL:
+    """Build (once per machine and CPU), load and register the elastic custom call."""
+    return _load(build_elastic(), [ELASTIC_TARGET])
+
+
+@functools.cache
+def elastic_unavailable_reason() -> str | None:
+    """None when the native elastic kernel can run here, else the reason it cannot."""
+    return _reason(load_elastic)
+
+
+@functools.cache
 def load() -> ctypes.CDLL:
     """Build (once per machine), load and register the custom calls with XLA's CPU
     backend. Raises OneDNNUnavailable saying why when that is not possible."""
-    library = ctypes.CDLL(str(build()))
-    for target in TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
-    return library
+    return _load(build(), TARGETS.values())
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
     """None when the oneDNN convolution can run here, else the reason it cannot."""
-    try:
-        load()
-    except (OneDNNUnavailable, OSError) as e:
-        return str(e)
-    return None
+    return _reason(load)
 
 
 @functools.cache
