@@ -94,6 +94,41 @@ def build(args, batch: int):
     return run.steps.train, variables, state, parallel.batch_sharding(mesh)
 
 
+def open_loader(path: Path, local: int, threads: int, prefetch: int):
+    """An iterator of this process's training batches from the store at `path`."""
+    source = store.open_store(path).source("train")
+    dataset = loader.train_dataset(source, batch_size=local, seed=0, num_threads=threads, prefetch=prefetch)
+    return iter(dataset)
+
+
+def time_loops(step, variables, state, sharding, it, *, warmup: int, steps: int) -> dict:
+    """Warm up with `warmup` loader batches (the first call compiles), then time `steps`
+    steps on one fixed device batch ("step_s") and `steps` steps fed by the loader
+    ("e2e_s"), both dispatched without waiting. Returns seconds per step, the warm-up
+    seconds, the final loss and the last (variables, state) (the step donates its inputs)."""
+    start = time.perf_counter()
+    for _ in range(max(1, warmup)):  # the first call compiles
+        variables, state, m = step(variables, state, parallel.global_batch(next(it), sharding))
+        jax.block_until_ready(m["loss"])
+    warm_s = time.perf_counter() - start
+
+    fixed = parallel.global_batch(next(it), sharding)
+    jax.block_until_ready(fixed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        variables, state, m = step(variables, state, fixed)
+    jax.block_until_ready((variables, m))
+    step_s = (time.perf_counter() - start) / steps
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        variables, state, m = step(variables, state, parallel.global_batch(next(it), sharding))
+    jax.block_until_ready((variables, m))
+    e2e_s = (time.perf_counter() - start) / steps
+    return {"step_s": step_s, "e2e_s": e2e_s, "warm_s": warm_s, "loss": float(jax.device_get(m["loss"])),
+            "variables": variables, "state": state}
+
+
 def main() -> None:
     args = parse_args()
     device = jax.devices()[0]
@@ -110,34 +145,12 @@ def main() -> None:
         start = time.perf_counter()
         write_store(path, cubes, shape, args.num_classes)
         write_s = time.perf_counter() - start
-        source = store.open_store(path).source("train")
-        dataset = loader.train_dataset(source, batch_size=local, seed=0, num_threads=args.threads,
-                                       prefetch=args.prefetch)
-        it = iter(dataset)
-
-        start = time.perf_counter()
-        for _ in range(max(1, args.warmup)):  # the first call compiles
-            variables, state, m = step(variables, state, parallel.global_batch(next(it), sharding))
-            jax.block_until_ready(m["loss"])
-        warm_s = time.perf_counter() - start
-
-        fixed = parallel.global_batch(next(it), sharding)
-        jax.block_until_ready(fixed)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            variables, state, m = step(variables, state, fixed)
-        jax.block_until_ready((variables, m))
-        step_s = (time.perf_counter() - start) / args.steps
-
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            variables, state, m = step(variables, state, parallel.global_batch(next(it), sharding))
-        jax.block_until_ready((variables, m))
-        e2e_s = (time.perf_counter() - start) / args.steps
-        loss = float(jax.device_get(m["loss"]))
+        it = open_loader(path, local, args.threads, args.prefetch)
+        timed = time_loops(step, variables, state, sharding, it, warmup=args.warmup, steps=args.steps)
         close = getattr(it, "close", None)
         if close is not None:
             close()
+    step_s, e2e_s, warm_s, loss = timed["step_s"], timed["e2e_s"], timed["warm_s"], timed["loss"]
 
     common = {"steps": args.steps, "threads": args.threads, "prefetch": args.prefetch,
               "conv_impl": args.conv_impl, "store_dtype": "uint16"}

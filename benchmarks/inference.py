@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -32,29 +33,34 @@ def main() -> None:
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
+    print(json.dumps(measure(args.volume, args.window, width=args.width, batch=args.batch,
+                             overlap=args.overlap, dtype=args.dtype)))
 
-    model = UNet3D(width=args.width, bn="standard", dtype=args.dtype)
+
+def measure(volume_shape: Sequence[int], window: Sequence[int], *, width: int, batch: int, overlap: float,
+            dtype: str) -> dict:
+    """Time `inference.sliding_window` over one random volume (compile excluded); the JSON line."""
+    model = UNet3D(width=width, bn="standard", dtype=dtype)
     variables = init_variables(model, jax.random.key(0))
 
     def predict(v, x):  # the weights are a jit argument, as fine-tuning's evaluation passes them
         return model.apply(v, x[..., None], train=False)
 
-    volume = np.random.default_rng(0).random(tuple(args.volume), dtype=np.float32)
-    small = volume[: args.window[0], : args.window[1], : args.window[2]]
-    inference.sliding_window(predict, small, args.window, batch_size=args.batch, params=variables)  # compile
+    volume = np.random.default_rng(0).random(tuple(volume_shape), dtype=np.float32)
+    small = volume[: window[0], : window[1], : window[2]]
+    inference.sliding_window(predict, small, window, batch_size=batch, params=variables)  # compile
     t0 = time.perf_counter()
-    out = inference.sliding_window(predict, volume, args.window, overlap=args.overlap, batch_size=args.batch,
+    out = inference.sliding_window(predict, volume, window, overlap=overlap, batch_size=batch,
                                    params=variables)
     dt = time.perf_counter() - t0
-    windows = int(np.prod([len(inference.window_starts(s, w, args.overlap))
-                           for s, w in zip(args.volume, args.window, strict=True)]))
-    assert out.shape[:3] == tuple(args.volume)
-    print(json.dumps({"what": "inference/sliding_window", "impl": "jax", "shape": list(args.volume),
-                      "window": list(args.window), "dtype": args.dtype,
-                      "device": jax.devices()[0].device_kind,
-                      "width": args.width, "batch": args.batch, "overlap": args.overlap, "windows": windows,
-                      "seconds": round(dt, 2), "voxels_per_s": round(volume.size / dt, 1),
-                      "cubes_per_s": round(windows / dt, 3)}))
+    windows = int(np.prod([len(inference.window_starts(s, w, overlap))
+                           for s, w in zip(volume_shape, window, strict=True)]))
+    assert out.shape[:3] == tuple(volume_shape)
+    return {"what": "inference/sliding_window", "impl": "jax", "shape": list(volume_shape),
+            "window": list(window), "dtype": dtype, "device": jax.devices()[0].device_kind,
+            "width": width, "batch": batch, "overlap": overlap, "windows": windows,
+            "seconds": round(dt, 2), "voxels_per_s": round(volume.size / dt, 1),
+            "cubes_per_s": round(windows / dt, 3)}
 
 
 if __name__ == "__main__":

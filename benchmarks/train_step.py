@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -131,10 +132,17 @@ def measure_matmul_tflops(dtype: str, n: int = 4096, repeats: int = 5) -> tuple[
 
 
 class Peaks:
-    """Peak TFLOP/s per compute dtype for this device, and how it was obtained."""
+    """Peak TFLOP/s per compute dtype for this device, and how it was obtained.
 
-    def __init__(self, override: float | None):
+    `matmul_n`: the size of the CPU's measured matmul (benchmarks/accelerator.py --smoke
+    measures a smaller one); `report`: where the {"what": "peak"} line goes (default: printed
+    as JSON)."""
+
+    def __init__(self, override: float | None, matmul_n: int = 4096,
+                 report: Callable[[dict], None] | None = None):
         self.override = override
+        self.matmul_n = matmul_n
+        self.report = report or (lambda line: print(json.dumps(line), flush=True))
         self.device = jax.devices()[0]
         self.kind = self.device.device_kind
         self._cache: dict[str, tuple[float | None, str]] = {}
@@ -150,11 +158,12 @@ class Peaks:
         if self.device.platform == "cpu":
             # One measurement serves both dtypes: bf16 is not faster than f32 on XLA:CPU.
             if "cpu" not in self._cache:
-                tflops, seconds = measure_matmul_tflops("float32")
-                print(json.dumps({"what": "peak", "impl": "matmul", "shape": [4096, 4096, 4096],
-                                  "dtype": "float32", "device": self.kind, "tflops": round(tflops, 4),
-                                  "s": round(seconds, 4), "used_for": list(SWEEP_DTYPES)}), flush=True)
-                basis = "measured: float32 4096^3 matmul, best of 5, used for both dtypes"
+                n = self.matmul_n
+                tflops, seconds = measure_matmul_tflops("float32", n)
+                self.report({"what": "peak", "impl": "matmul", "shape": [n, n, n],
+                             "dtype": "float32", "device": self.kind, "tflops": round(tflops, 4),
+                             "s": round(seconds, 4), "used_for": list(SWEEP_DTYPES)})
+                basis = f"measured: float32 {n}^3 matmul, best of 5, used for both dtypes"
                 self._cache["cpu"] = (tflops, basis)
             return self._cache["cpu"]
         kind = self.kind.lower()
@@ -170,8 +179,8 @@ class Peaks:
                 return peaks["bf16"], f"table: {key} bf16 dense"
             mode = "fp32" if precision in _FULL_F32 else "tf32"
             return peaks[mode], f"table: {key} {mode} dense (matmul precision {precision})"
-        tflops, _ = measure_matmul_tflops(dtype)
-        return tflops, f"measured: {dtype} 4096^3 matmul ({self.kind} not in the table)"
+        tflops, _ = measure_matmul_tflops(dtype, self.matmul_n)
+        return tflops, f"measured: {dtype} {self.matmul_n}^3 matmul ({self.kind} not in the table)"
 
 
 # --------------------------------------------------------------------------- output

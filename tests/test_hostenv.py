@@ -1,5 +1,6 @@
 """The entry points' host settings (transvw_jax.hostenv): the one-time re-execution with
-huge-page malloc, and 512-bit vectors for XLA:CPU on AVX-512 CPUs."""
+huge-page malloc, and 512-bit vectors for XLA:CPU on AVX-512 CPUs, both only where JAX will
+run on the CPU."""
 
 import os
 import subprocess
@@ -64,6 +65,7 @@ PREPARED = ("import os; from transvw_jax import hostenv; hostenv.prepare(); "
 def test_prepare_adds_the_vector_flag_to_the_users_xla_flags():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", hostenv.VECTOR_OPT_OUT)}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"  # the same on a GPU/TPU host
 
     def child_flags():
         proc = subprocess.run([sys.executable, "-c", PREPARED], capture_output=True, text=True, env=env,
@@ -74,3 +76,92 @@ def test_prepare_adds_the_vector_flag_to_the_users_xla_flags():
     assert child_flags() == f"--xla_force_host_platform_device_count=2 {hostenv.VECTOR_FLAG}"
     env[hostenv.VECTOR_OPT_OUT] = "0"
     assert child_flags() == "--xla_force_host_platform_device_count=2"
+
+
+# --------------------------------------------------------------------------- only on XLA:CPU
+NO_DEVICES: set[str] = set()
+
+
+@pytest.mark.parametrize("environ, installed, devices, expected", [
+    ({"JAX_PLATFORMS": "cpu"}, {"jax_cuda12_plugin"}, {"/dev/nvidia0"}, "cpu"),  # asked for wins
+    ({"JAX_PLATFORMS": "cuda,cpu"}, set(), NO_DEVICES, "gpu"),
+    ({"JAX_PLATFORMS": "tpu"}, set(), NO_DEVICES, "tpu"),
+    ({"JAX_PLATFORM_NAME": "gpu"}, set(), NO_DEVICES, "gpu"),
+    ({"JAX_PLATFORMS": "cpu", "JAX_PLATFORM_NAME": "gpu"}, set(), NO_DEVICES, "cpu"),
+    ({"JAX_PLATFORMS": ""}, set(), NO_DEVICES, "cpu"),  # empty: unset
+    ({}, {"jax_cuda12_plugin"}, {"/dev/nvidia0", "/dev/nvidiactl"}, "gpu"),
+    ({}, {"jax_plugins.xla_cuda13"}, {"/dev/nvidiactl"}, "gpu"),
+    ({}, {"jaxlib.cuda"}, {"/dev/nvidia3"}, "gpu"),  # a CUDA jaxlib of old
+    ({}, {"jax_rocm7_plugin"}, {"/dev/kfd"}, "gpu"),
+    ({}, {"jax_cuda12_plugin"}, NO_DEVICES, "cpu"),  # plugin without the hardware
+    ({}, set(), {"/dev/nvidia0"}, "cpu"),  # hardware without the plugin
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, {"jax_cuda12_plugin"}, {"/dev/nvidia0"}, "cpu"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, {"jax_cuda12_plugin"}, {"/dev/nvidia0"}, "cpu"),
+    ({"CUDA_VISIBLE_DEVICES": "1"}, {"jax_cuda12_plugin"}, {"/dev/nvidia0"}, "gpu"),
+    ({}, {"libtpu"}, {"/dev/accel0"}, "tpu"),
+    ({}, {"libtpu"}, {"/dev/vfio/0"}, "tpu"),  # TPU v5 and later
+    ({}, {"libtpu"}, NO_DEVICES, "cpu"),
+    ({}, {"libtpu", "jax_cuda12_plugin"}, {"/dev/nvidia0"}, "gpu"),
+])
+def test_expected_backend_decides_as_jax_would_without_starting_it(environ, installed, devices, expected):
+    assert hostenv.expected_backend(environ, installed=installed, device_paths=devices) == expected
+
+
+def test_the_host_probes_find_plugins_without_importing_them(tmp_path):
+    """The default probes, on a fake site directory with a CUDA plugin and libtpu: found,
+    and neither they nor jax imported (so no backend can have started)."""
+    for package in ("jax_cuda12_plugin", "jax_plugins/xla_cuda12", "libtpu"):
+        (tmp_path / package).mkdir(parents=True)
+        (tmp_path / package / "__init__.py").write_text("raise ImportError('imported')\n")
+    code = ("import sys; from transvw_jax import hostenv; "
+            "print(sorted(hostenv._installed_accelerator_packages()), hostenv.expected_backend({}) in "
+            "('cpu', 'gpu', 'tpu'), sorted(m for m in sys.modules if m.startswith(('jax', 'libtpu'))))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "['jax_cuda12_plugin', 'jax_plugins.xla_cuda12', 'libtpu'] True []"
+
+
+@pytest.fixture
+def cpu_host_settings_wanted(monkeypatch):
+    """A host where both settings apply (AVX-512, glibc with huge pages), with the user's
+    XLA_FLAGS and GLIBC_TUNABLES restored afterwards; os.execv records and stops."""
+    monkeypatch.setattr(hostenv, "_cpu_has_avx512", lambda *_: True)
+    monkeypatch.setattr(hostenv, "_glibc_supports_hugetlb", lambda: True)
+    monkeypatch.setattr(hostenv, "_transparent_hugepages_usable", lambda: True)
+    monkeypatch.setattr(sys, "platform", "linux")
+    for name in (hostenv.OPT_OUT, hostenv.VECTOR_OPT_OUT):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    calls = []
+
+    class Reexecuted(Exception):
+        pass
+
+    def execv(*args):
+        calls.append(args)
+        raise Reexecuted
+
+    monkeypatch.setattr(os, "execv", execv)
+    return calls, Reexecuted
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_prepare_does_nothing_on_gpu_or_tpu_hosts(monkeypatch, cpu_host_settings_wanted, backend):
+    calls, _ = cpu_host_settings_wanted
+    monkeypatch.setattr(hostenv, "expected_backend", lambda environ, **_: backend)
+    hostenv.prepare()
+    assert calls == []
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert os.environ["GLIBC_TUNABLES"] == ""
+
+
+def test_prepare_applies_both_settings_on_the_cpu(monkeypatch, cpu_host_settings_wanted):
+    calls, reexecuted = cpu_host_settings_wanted
+    monkeypatch.setattr(hostenv, "expected_backend", lambda environ, **_: "cpu")
+    with pytest.raises(reexecuted):
+        hostenv.prepare()
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {hostenv.VECTOR_FLAG}"
+    assert os.environ["GLIBC_TUNABLES"] == hostenv.TUNABLE
+    assert len(calls) == 1 and calls[0][0] == sys.executable

@@ -1,4 +1,5 @@
-"""Grain pipelines: determinism, exact resume, per-process shards, validation padding."""
+"""Grain pipelines: determinism, exact resume, process-count-independent global batches,
+validation padding."""
 
 import numpy as np
 import pytest
@@ -71,18 +72,37 @@ def test_restored_iterator_state_continues_exactly():
     assert [_ids(next(fresh)) for _ in range(6)] == expected
 
 
-@pytest.mark.parametrize("n,count", [(24, 4), (26, 4), (9, 2)])
-def test_process_shards_are_disjoint_and_complete_each_epoch(n, count):
+def _global_batches(n, global_batch, count, steps, seed=7):
+    """The global batches of `steps` steps as `parallel.global_batch` assembles them: process
+    0's rows, then process 1's, ..."""
+    its = [iter(loader.train_dataset(_Indexed(n), batch_size=global_batch // count, seed=seed,
+                                     process_index=i, process_count=count)) for i in range(count)]
+    return [sum((_ids(next(it)) for it in its), []) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("n,global_batch,count", [(24, 4, 4), (26, 4, 2), (9, 2, 2), (12, 6, 3)])
+def test_processes_rows_are_disjoint_and_cover_every_epoch_once(n, global_batch, count):
+    steps = -(-2 * n // global_batch)  # two epochs (and a bit, when B does not divide N)
+    batches = _global_batches(n, global_batch, count, steps)
+    for batch in batches:
+        assert len(set(batch)) == global_batch  # no cube on two processes in one step
+    stream = sum(batches, [])
     for epoch in range(2):
-        seen = []
-        for index in range(count):
-            per = n // count if index >= n % count else n // count + 1
-            ds = loader.train_dataset(_Indexed(n), batch_size=1, seed=7, process_index=index,
-                                      process_count=count)
-            ids = sum(_take(ds, per * 2), [])
-            seen.append(ids[epoch * per:(epoch + 1) * per])
-        flat = sum(seen, [])
-        assert sorted(flat) == list(range(n)), (epoch, seen)
+        assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n)), epoch
+    assert stream[:n] != stream[n:2 * n]  # reshuffled
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+    one = _global_batches(24, 8, 1, 7)  # 7 steps: straddles the epoch boundary at cube 24
+    assert _global_batches(24, 8, 2, 7) == one
+    assert _global_batches(24, 8, 4, 7) == one
+    assert _global_batches(24, 8, 4, 7, seed=8) != one
+
+
+def test_straddling_batches_follow_the_stream():
+    """B = 4 over 10 cubes: batch 2 holds the last 2 cubes of epoch 0 and the first 2 of epoch 1."""
+    stream = sum(_global_batches(10, 1, 1, 20), [])
+    assert sum(_global_batches(10, 4, 2, 5), []) == stream
 
 
 def test_validation_is_ordered_padded_and_masked():
@@ -106,6 +126,11 @@ def test_bad_batch_sizes_are_explained():
         loader.train_dataset(_Indexed(10), batch_size=11, seed=0, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="processes"):
         loader.train_dataset(_Indexed(2), batch_size=1, seed=0, process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="batch_size 3 must be in .* global batch of 12"):
+        loader.train_dataset(_Indexed(10), batch_size=3, seed=0, process_index=1, process_count=4)
+    with pytest.raises(ValueError, match="global batch 8 is not batch_size 3 x 2 processes"):
+        loader.train_dataset(_Indexed(10), batch_size=3, seed=0, process_index=0, process_count=2,
+                             global_batch_size=8)
 
 
 def test_store_source_through_the_loader(tmp_path):

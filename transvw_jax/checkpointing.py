@@ -9,15 +9,21 @@ half-written step is never listed, never restored.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from transvw_jax.data.loader import TrainIterator
 from transvw_jax.errors import CheckpointError
 
 VARIABLES = "variables"
@@ -28,7 +34,15 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
 
 
 def _manager(directory: Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    # These variable-only checkpoints are written and read by one process on its own (the
+    # discovery auto-encoder on process 0, export, fine-tuning's weight import): Orbax must
+    # not wait for the job's other processes, which are not there.
+    local = ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()},
+        barrier_sync_key_prefix=f"local{jax.process_index()}")
+    directory.mkdir(parents=True, exist_ok=True)  # Orbax's create=True needs all processes
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
+                                           multiprocessing_options=local)
     return ocp.CheckpointManager(
         directory, options=options, item_handlers={VARIABLES: ocp.StandardCheckpointHandler()}
     )
@@ -38,7 +52,9 @@ def save(workdir: str | os.PathLike, step: int, variables: Mapping[str, Any],
          max_to_keep: int | None = None) -> None:
     """Save the model variables as checkpoint `step` under `<workdir>/checkpoints`."""
     with _manager(checkpoint_dir(workdir), max_to_keep) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(dict(variables))}))
+        # Host copies: in a multi-process job Orbax refuses process-local device arrays.
+        host = jax.device_get(dict(variables))
+        mngr.save(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(host)}))
         mngr.wait_until_finished()
 
 
@@ -66,7 +82,8 @@ def restore_variables(workdir: str | os.PathLike, like: Mapping[str, Any],
         if step is None:
             return None
         _check_stored_variables(mngr, step, like)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dict(like))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), dict(like))
         restored = mngr.restore(
             step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(abstract)})
         )
@@ -109,7 +126,8 @@ def _check_shapes(where: Path, stored: Any, like: Mapping[str, Any]) -> None:
 # --- the full training state ----------------------------------------------------------------
 
 TRAIN_STATE = "train_state"
-DATA_STATE = "data"
+DATA_STATE = "data"  # JSON, written by process 0: run state and the global data position
+ITERATOR = "iterator"  # each process's iterator state: its own rows of an int32 array
 
 
 def best_dir(workdir: str | os.PathLike) -> Path:
@@ -122,38 +140,84 @@ def _abstract(tree: Any) -> Any:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+_ROW = ("position_low", "position_high", "global_batch_size", "process_index", "process_count")
+
+
+def _rows_sharding() -> NamedSharding:
+    """One row per device, devices ordered by process: each process owns its own rows."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return NamedSharding(Mesh(np.asarray(devices), ("rows",)), P("rows"))
+
+
+def _state_array(state: Mapping[str, int]) -> jax.Array:
+    """This process's iterator state as its rows of a global int32 array (the position in
+    two 30-bit halves: int64 needs jax_enable_x64). Saved through Orbax's array path, which
+    writes every process's shard in step with the others."""
+    position = int(state["position"])
+    row = np.asarray([position % (1 << 30), position >> 30, state["global_batch_size"],
+                      state["process_index"], state["process_count"]], np.int32)
+    local = np.tile(row, (jax.local_device_count(), 1))
+    return jax.make_array_from_process_local_data(_rows_sharding(), local)
+
+
+def _state_of_row(row: np.ndarray) -> dict[str, int]:
+    values = dict(zip(_ROW, (int(v) for v in row), strict=True))
+    return {"position": values["position_low"] + (values["position_high"] << 30),
+            **{k: values[k] for k in _ROW[2:]}}
+
+
 class RunCheckpointer:
     """Checkpoints of a training run: keep the last N complete states, plus the best.
 
     `<workdir>/checkpoints/<step>/` holds `variables` (params, batch_stats: what export and
-    fine-tuning read), `train_state` (optimiser state, step, RNG) and `data` (the Grain
-    iterator state, JSON); together they resume a run exactly. Saves are asynchronous
-    (training continues while the arrays are written); Orbax writes each step under a
-    temporary name and renames it when complete, so a kill mid-save leaves the previous
-    step as the latest. `<workdir>/best/<step>/` keeps the variables of the best
-    validation loss (one step).
+    fine-tuning read), `train_state` (optimiser state, step, RNG), `iterator` (each
+    process's Grain iterator state, as that process's rows of an array) and
+    `data` (JSON from process 0: best eval, patience count, and the data position: global
+    cube, global batch size, process count); together they resume a run exactly, on the
+    same or another number of processes. Saves are asynchronous (training continues while
+    the arrays are written); Orbax writes each step under a temporary name and renames it
+    when complete, so a kill mid-save leaves the previous step as the latest.
+    `<workdir>/best/<step>/` keeps the variables of the best validation loss (one step).
     """
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3):
         handlers = {VARIABLES: ocp.StandardCheckpointHandler(), TRAIN_STATE: ocp.StandardCheckpointHandler(),
-                    DATA_STATE: ocp.JsonCheckpointHandler()}
-        self._latest = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_handlers=handlers)
-        self._best = ocp.CheckpointManager(
-            best_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-            item_handlers={VARIABLES: ocp.StandardCheckpointHandler()})
+                    DATA_STATE: ocp.JsonCheckpointHandler(), ITERATOR: ocp.StandardCheckpointHandler()}
+        # Both managers save the same step after an evaluation, and Orbax names its
+        # cross-process barriers after the step directory ("4.orbax-checkpoint-tmp"): distinct
+        # prefixes keep the two saves' barriers apart (the same name deadlocked two processes).
+        def options(keep: int, prefix: str) -> ocp.CheckpointManagerOptions:
+            return ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
+
+        self._latest = ocp.CheckpointManager(checkpoint_dir(workdir), options=options(keep, "latest"),
+                                             item_handlers=handlers)
+        self._best = ocp.CheckpointManager(best_dir(workdir), options=options(1, "best"),
+                                           item_handlers={VARIABLES: ocp.StandardCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
 
     def save(self, step: int, variables: Mapping[str, Any], train_state: Mapping[str, Any],
-             data_state: Mapping[str, Any]) -> None:
-        self._latest.save(step, args=ocp.args.Composite(**{
+             data_state: Mapping[str, Any], iterator: TrainIterator | None = None) -> None:
+        """Save `step`; with `iterator`, also its per-process state and its global position.
+
+        Grain's handler reads the iterator's state before this returns (Orbax runs
+        synchronous handlers in the blocking part of an async save), so advancing the
+        iterator afterwards does not change what is written.
+        """
+        data = dict(data_state)
+        items = {
             VARIABLES: ocp.args.StandardSave(dict(variables)),
             TRAIN_STATE: ocp.args.StandardSave(dict(train_state)),
-            DATA_STATE: ocp.args.JsonSave(dict(data_state)),
-        }))
+        }
+        if iterator is not None:
+            data.update(position=iterator.position, global_batch_size=iterator.global_batch_size,
+                        num_processes=jax.process_count(), num_devices=jax.device_count())
+            items[ITERATOR] = ocp.args.StandardSave({"state": _state_array(iterator.get_state())})
+        items[DATA_STATE] = ocp.args.JsonSave(data)
+        self._latest.save(step, args=ocp.args.Composite(**items))
 
     def save_best(self, step: int, variables: Mapping[str, Any]) -> None:
         self._best.save(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(dict(variables))}),
@@ -162,16 +226,78 @@ class RunCheckpointer:
     def best_step(self) -> int | None:
         return self._best.latest_step()
 
-    def restore(self, step: int, variables_like: Mapping[str, Any],
-                train_state_like: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-        """(variables, train_state, data_state) of `step`, placed like the given trees."""
+    def restore(self, step: int, variables_like: Mapping[str, Any], train_state_like: Mapping[str, Any],
+                iterator: TrainIterator | None = None) -> tuple[dict, dict, dict]:
+        """(variables, train_state, data_state) of `step`, placed like the given trees.
+
+        With `iterator`, also sets it to the checkpoint's data position (before the arrays
+        are read, so its first batches load meanwhile); see `_restore_iterator`.
+        """
         _check_stored_variables(self._latest, step, variables_like)
+        data_state = dict(self._latest.restore(
+            step, args=ocp.args.Composite(**{DATA_STATE: ocp.args.JsonRestore()}))[DATA_STATE])
+        if iterator is not None:
+            self._restore_iterator(step, data_state, iterator)
         restored = self._latest.restore(step, args=ocp.args.Composite(**{
             VARIABLES: ocp.args.StandardRestore(_abstract(dict(variables_like))),
             TRAIN_STATE: ocp.args.StandardRestore(_abstract(dict(train_state_like))),
-            DATA_STATE: ocp.args.JsonRestore(),
         }))
-        return dict(restored[VARIABLES]), dict(restored[TRAIN_STATE]), dict(restored[DATA_STATE])
+        return dict(restored[VARIABLES]), dict(restored[TRAIN_STATE]), data_state
+
+    def _restore_iterator(self, step: int, data_state: Mapping[str, Any], iterator: TrainIterator) -> None:
+        """Put `iterator` where the checkpointed run's next global batch starts.
+
+        Same process count and global batch: each process reads its own state and checks it
+        against the recorded global position. Otherwise the per-process states describe
+        another sharding and are not read: the global position (a cube index, exact for any
+        sharding, see `loader`) is enough to re-shard. A checkpoint without a recorded
+        position (written before per-process states) resumes at step x global batch: the
+        same cubes if one process wrote it with this batch size.
+        """
+        where = Path(self._latest.directory) / str(step)
+        count, batch = jax.process_count(), iterator.global_batch_size
+        if "position" not in data_state:
+            position = step * batch
+            logging.warning("data: %s has no recorded data position (an older checkpoint): resuming at "
+                            "global cube %d = step x global batch", where, position)
+            iterator.seek(position)
+            return
+        try:
+            position = int(data_state["position"])
+            written_by, written_batch = int(data_state["num_processes"]), int(data_state["global_batch_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: unreadable data position in '{DATA_STATE}' ({e!r})") from None
+        if position < 0:
+            raise CheckpointError(f"{where}: data position {position} is negative")
+        if (written_by, written_batch) != (count, batch):
+            written = f"written by {written_by} processes, now {count}" if written_by != count else "written"
+            if written_batch != batch:
+                comma = "," if written_by != count else ""
+                written += f"{comma} with global batch {written_batch}, now {batch}"
+            logging.info("data: checkpoint %s: re-sharded at global cube %d", written, position)
+            iterator.seek(position)
+            return
+        index = jax.process_index()
+        if int(data_state.get("num_devices", jax.device_count())) != jax.device_count():
+            # Same processes, other devices: the rows are laid out differently; the global
+            # position alone is exact.
+            iterator.seek(position)
+            return
+        like = {"state": jax.ShapeDtypeStruct((jax.device_count(), len(_ROW)), np.int32,
+                                              sharding=_rows_sharding())}
+        try:
+            restored = self._latest.restore(step, args=ocp.args.Composite(
+                **{ITERATOR: ocp.args.StandardRestore(like)}))
+            state = _state_of_row(np.asarray(restored[ITERATOR]["state"].addressable_data(0))[0])
+        except Exception as e:  # noqa: BLE001 - Orbax raises various types
+            raise CheckpointError(f"{where}: no readable data state for process {index} of {count} "
+                                  f"({' '.join(str(e).split())[:200]})") from None
+        if (state.get("position"), state.get("process_index"), state.get("process_count")) != (
+                position, index, count):
+            raise CheckpointError(
+                f"{where}: process {index}'s data state {json.dumps(state)} disagrees with the "
+                f"checkpoint's position (global cube {position}, {count} processes)")
+        iterator.set_state(state)
 
     def wait(self) -> None:
         self._latest.wait_until_finished()

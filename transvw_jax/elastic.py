@@ -102,17 +102,19 @@ def _sample(x: jax.Array, cx: jax.Array, cy: jax.Array, iz: jax.Array) -> jax.Ar
             + fx * ((1 - fy) * at(x0 + 1, y0) + fy * at(x0 + 1, y0 + 1)))
 
 
-def _native_fits(shape, sigma: float) -> bool:
+def native_fits(shape, sigma: float) -> bool:
     return max(_smoothing_basis(int(n), float(sigma)).shape[1] for n in shape) <= NATIVE_MAX_RANK
 
 
 def check_impl(impl: str) -> None:
-    """Raise ValueError naming transforms.elastic.impl when `impl` is unknown, or is
-    "native" and the kernel cannot run here (not the CPU backend, no compiler, ...)."""
+    """Raise ValueError naming transforms.elastic.impl when `impl` is not a known value.
+    Pure: whether "native" can run here is decided with the platform (`transvw_jax.resolve`,
+    or `resolve_impl` for library callers), never while a config is validated."""
     if impl not in ELASTIC_IMPLS:
         raise ValueError(f"transforms.elastic.impl: {impl!r} is not one of {', '.join(ELASTIC_IMPLS)}")
-    if impl != "native":
-        return
+
+
+def _check_native_runs() -> None:
     if jax.default_backend() != "cpu":
         raise ValueError(f"transforms.elastic.impl: 'native' runs on the CPU backend, "
                          f"not {jax.default_backend()}")
@@ -124,11 +126,13 @@ def resolve_impl(impl: str, shape, sigma: float = 8.0) -> str:
     """"xla" or "native" for a cube shape; raises ValueError naming transforms.elastic.impl
     when "native" is asked for and cannot run here (see `check_impl`) or on this shape."""
     check_impl(impl)
+    if impl == "native":
+        _check_native_runs()
     if impl == "auto":
         # Several devices: XLA cannot split a custom call along a sharded batch axis.
-        usable = jax.default_backend() == "cpu" and jax.device_count() == 1 and _native_fits(shape, sigma)
+        usable = jax.default_backend() == "cpu" and jax.device_count() == 1 and native_fits(shape, sigma)
         return "native" if usable and native.elastic_unavailable_reason() is None else "xla"
-    if impl == "native" and not _native_fits(shape, sigma):
+    if impl == "native" and not native_fits(shape, sigma):
         raise ValueError(f"transforms.elastic.impl: 'native' handles smoothing ranks <= {NATIVE_MAX_RANK}; "
                          f"cube {tuple(shape)} with sigma {sigma} needs more (use 'xla')")
     return impl

@@ -22,15 +22,23 @@ XLA_FLAGS is read when the backend starts, so this needs no re-execution. Not ap
 without `avx512f` in /proc/cpuinfo, when XLA_FLAGS already sets the width, or with
 `TRANSVW_AVX512_CODEGEN=0`.
 
+Both help XLA:CPU only, so `prepare()` applies them only when `expected_backend()` says JAX
+will run on the CPU, and does nothing on GPU/TPU hosts.
+
 Library code never changes the process: only `prepare()`, called first thing by
 `python -m transvw_jax.main`, the `transvw-jax` script and the benchmarks, does.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
+import pkgutil
 import platform
+import re
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -39,6 +47,60 @@ VECTOR_FLAG = "--xla_cpu_prefer_vector_width=512"
 VECTOR_OPT_OUT = "TRANSVW_AVX512_CODEGEN"
 _CPUINFO = Path("/proc/cpuinfo")
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+# JAX_PLATFORMS / JAX_PLATFORM_NAME entries -> the kind of backend they select.
+_PLATFORM_KINDS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "tpu": "tpu"}
+# What makes JAX able to use an accelerator: the plugin modules (jax_cuda12_plugin, jax_rocm7_plugin,
+# their PJRT halves jax_plugins.xla_cuda12 ...), a CUDA/ROCm jaxlib of old, or libtpu.
+_GPU_PACKAGE = re.compile(r"jax_(cuda|rocm)\d*_plugin|jax_plugins\.xla_(cuda|rocm)\d*|jaxlib\.(cuda|rocm)")
+_TPU_PACKAGE = "libtpu"
+# Device files the drivers create: NVIDIA (/dev/nvidia0, /dev/nvidiactl), AMD (/dev/kfd), TPU VMs
+# (/dev/accel0 on v2-v4, /dev/vfio/0 on v5 and later).
+_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+_GPU_DEVICE = re.compile(r"/dev/(nvidia(\d+|ctl)|kfd)")
+_TPU_DEVICE = re.compile(r"/dev/(accel\d+|vfio/\d+)")
+
+
+def _installed_accelerator_packages() -> set[str]:
+    """Names of the installed packages that give JAX an accelerator, found without importing them."""
+    names = {m.name for m in pkgutil.iter_modules()}
+    for package in ("jax_plugins", "jaxlib"):
+        spec = importlib.util.find_spec(package)  # top-level: finds, does not import
+        if spec is not None and spec.submodule_search_locations:
+            names.update(f"{package}.{m.name}" for m in pkgutil.iter_modules(spec.submodule_search_locations))
+    return {name for name in names if _GPU_PACKAGE.fullmatch(name) or name == _TPU_PACKAGE}
+
+
+def _existing_device_paths() -> set[str]:
+    return {path for pattern in _DEVICE_GLOBS for path in glob.glob(pattern)}
+
+
+def expected_backend(environ: Mapping[str, str], *, installed: Iterable[str] | None = None,
+                     device_paths: Iterable[str] | None = None) -> str:
+    """The backend JAX will pick in this process: "cpu", "gpu" or "tpu" (or the name
+    JAX_PLATFORMS gives first, when it is none of those).
+
+    Why: the host settings help XLA:CPU only; on accelerator hosts the re-execution costs a
+    start-up and the XLA_FLAGS entry is noise. And `prepare()` runs before JAX starts a
+    backend and must not start one to find out (that would break jax.distributed.initialize),
+    so this decides as JAX would from the outside: JAX_PLATFORMS (or the older
+    JAX_PLATFORM_NAME) when set, else an installed TPU/GPU plugin together with the device
+    files of its hardware (CUDA_VISIBLE_DEVICES="" or "-1" hiding the GPUs), else the CPU.
+    `installed` (package names as `_GPU_PACKAGE`/"libtpu") and `device_paths` (existing
+    /dev paths) default to probing this host."""
+    requested = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
+    first = requested.split(",")[0].strip().lower()
+    if first:
+        return _PLATFORM_KINDS.get(first, first)
+    installed = _installed_accelerator_packages() if installed is None else set(installed)
+    devices = _existing_device_paths() if device_paths is None else set(device_paths)
+    if _TPU_PACKAGE in installed and any(_TPU_DEVICE.fullmatch(path) for path in devices):
+        return "tpu"
+    gpus_hidden = environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if (not gpus_hidden and any(_GPU_PACKAGE.fullmatch(name) for name in installed)
+            and any(_GPU_DEVICE.fullmatch(path) for path in devices)):
+        return "gpu"
+    return "cpu"
 
 
 def _glibc_supports_hugetlb() -> bool:
@@ -99,9 +161,12 @@ def wants_vector_flag(environ: dict[str, str] | None = None, cpuinfo: Path = _CP
 
 
 def prepare() -> None:
-    """Apply both host settings; call first thing in an entry point, before any JAX
-    computation (importing jax is fine: its backend starts on first use). May replace
-    the process (see `reexec_with_hugepage_malloc`)."""
+    """Apply both host settings when JAX will run on the CPU (`expected_backend`), else
+    nothing; call first thing in an entry point, before any JAX computation (importing jax
+    is fine: its backend starts on first use). May replace the process (see
+    `reexec_with_hugepage_malloc`)."""
+    if expected_backend(os.environ) != "cpu":
+        return
     if wants_vector_flag():
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} {VECTOR_FLAG}".strip()

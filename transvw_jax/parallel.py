@@ -10,8 +10,9 @@
   order, so the global batch is the same whichever way it is split.
 - `initialize` joins the processes of a multi-host job with `jax.distributed`, from the
   environment (TPU pods, SLURM: JAX detects both) or from explicit settings (coordinator
-  address, process count and id: any launcher, and the tests' local processes). It must
-  run before anything touches a JAX backend; `stages.run` calls it first.
+  address, process count and id: any launcher, `launch/local.sh`). It must run before
+  anything touches a JAX backend; `stages.run` calls it right after the config (checked
+  without side effects) and before resolving the config's automatic values.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from transvw_jax.errors import ConfigError
 
 DATA, FSDP = "data", "fsdp"
-DISTRIBUTED_MODES = ("auto", "off", "explicit")
+DISTRIBUTED_MODES = ("auto", "off", "explicit", "environment")
 # Parameters smaller than this stay replicated under fsdp: sharding them saves little
 # memory and costs a collective each.
 FSDP_MIN_SIZE = 1 << 16
@@ -40,11 +41,16 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.fsdp = 1  # devices per parameter shard; 1 = replicate the state (pure data parallel)
     # auto: join a multi-process job when the environment describes one (TPU pod, SLURM,
-    # JAX_COORDINATOR_ADDRESS); off: single process; explicit: the three values below.
+    # JAX_COORDINATOR_ADDRESS), else run alone (config.json records which: environment |
+    # off); environment: join from the environment or fail; off: single process;
+    # explicit: the three values below.
     c.distributed = "auto"
     c.coordinator_address = ""  # host:port of process 0
     c.num_processes = 1
     c.process_id = 0
+    # A process that sends no heartbeat for this long is lost: the others stop with a line
+    # naming it (transvw_jax/multihost.py) instead of waiting in a collective.
+    c.heartbeat_timeout_s = 60
     return c
 
 
@@ -57,14 +63,24 @@ def _cluster_in_environment() -> bool:
     return bool(env.get("TPU_WORKER_HOSTNAMES") and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
-def initialize(cfg: ml_collections.ConfigDict) -> bool:
-    """Join the multi-process job described by `cfg` (config.parallel); True if joined."""
+def initialize(cfg: ml_collections.ConfigDict) -> str:
+    """Join the multi-process job described by `cfg` (config.parallel). Returns the mode
+    that applied: "explicit" or "environment" (joined) or "off" (a single process).
+
+    Must run before anything touches a JAX backend. Joins with recoverability on, so that
+    a lost process is reported to the others rather than aborting them (see multihost.py).
+    """
     if cfg.distributed not in DISTRIBUTED_MODES:
         raise ConfigError(
             f"parallel.distributed: {cfg.distributed!r} is not one of {', '.join(DISTRIBUTED_MODES)}"
         )
-    if cfg.distributed == "off" or jax.distributed.is_initialized():
-        return jax.distributed.is_initialized()
+    if jax.distributed.is_initialized():
+        return "explicit" if cfg.distributed == "explicit" else "environment"
+    if cfg.distributed == "off":
+        return "off"
+    heartbeat = int(cfg.get("heartbeat_timeout_s", 60))
+    if heartbeat < 1:
+        raise ConfigError(f"parallel.heartbeat_timeout_s must be >= 1, got {heartbeat}")
     if cfg.distributed == "explicit":
         if (
             not cfg.coordinator_address
@@ -75,13 +91,20 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
                 "parallel.distributed='explicit' needs parallel.coordinator_address (host:port), "
                 "parallel.num_processes >= 1 and 0 <= parallel.process_id < num_processes"
             )
-        _cpu_collectives()
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    elif _cluster_in_environment():
-        _cpu_collectives()
-        jax.distributed.initialize()
+        _before_joining()
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                                   heartbeat_timeout_seconds=heartbeat)
+        mode = "explicit"
+    elif _cluster_in_environment() or cfg.distributed == "environment":
+        _before_joining()
+        try:
+            jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+        except ValueError as e:
+            raise ConfigError(f"parallel.distributed={cfg.distributed!r}: no multi-process job found in the "
+                              f"environment ({e})") from None
+        mode = "environment"
     else:
-        return False
+        return "off"
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
@@ -89,7 +112,12 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
         jax.local_device_count(),
         jax.device_count(),
     )
-    return True
+    return mode
+
+
+def _before_joining() -> None:
+    _cpu_collectives()
+    jax.config.update("jax_enable_recoverability", True)
 
 
 def _cpu_collectives() -> None:

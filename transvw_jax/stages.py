@@ -16,25 +16,32 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from transvw_jax import checkpointing, discovery, export, finetune, parallel, train, transforms
+from transvw_jax import (
+    checkpointing,
+    discovery,
+    export,
+    finetune,
+    multihost,
+    parallel,
+    resolve,
+    train,
+    transforms,
+)
 from transvw_jax.data import synthetic
 from transvw_jax.errors import ConfigError
 from transvw_jax.fileio import atomic_write_json
 from transvw_jax.models import abstract_variables, build_model, init_variables
+from transvw_jax.models.factory import validate_model_config
 
 EXPORT_FORMATS = ("pt", "safetensors")
 
 
 def _on_process_zero(stage: Callable[[ml_collections.ConfigDict, Path], None]):
-    """Host-side stages run once per job: process 0 works, the others wait for it."""
+    """Host-side stages run once per job: process 0 works, the others wait for it (and stop
+    with its error if it fails)."""
 
     def run_once(config: ml_collections.ConfigDict, workdir: Path) -> None:
-        if jax.process_index() == 0:
-            stage(config, workdir)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"stage {stage.__name__}")
+        multihost.once_per_job(stage.__name__, lambda: stage(config, workdir))
 
     run_once.__doc__ = stage.__doc__
     return run_once
@@ -140,7 +147,11 @@ STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], None]] = {
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Check the config cheaply and early; raise ConfigError naming the key."""
+    """Check the config cheaply and early; raise ConfigError naming the key.
+
+    No side effects: nothing here starts a JAX backend or a compiler (in a multi-process
+    job `jax.distributed` is joined after this); hardware-dependent choices are made
+    later, by `transvw_jax.resolve`."""
     stages = config.get("stages")
     if isinstance(stages, str):
         stages = (stages,)
@@ -149,7 +160,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in stages:
         if name not in STAGES:
             raise ConfigError(f"config.stages: unknown stage {name!r}; known: {', '.join(STAGES)}")
-    build_model(config.model)
+    validate_model_config(config.model)
     shape = tuple(config.data.cube_shape)
     if len(shape) != 3 or any(not isinstance(s, int) or s <= 0 or s % 8 for s in shape):
         raise ConfigError(
@@ -190,24 +201,47 @@ def _validate_synthesis(config: ml_collections.ConfigDict, name: str, min_count:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-    """Write the resolved config (file + overrides) to `<workdir>/config.json`, atomically."""
+    """Write the config (file + overrides, automatic values resolved) to
+    `<workdir>/config.json`, atomically."""
     return atomic_write_json(workdir / "config.json", json.loads(config.to_json_best_effort()), indent=2)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Validate `config`, save it into `workdir`, then run its stages in order."""
+    """Validate `config`, join the job's processes, resolve the automatic values for the
+    training mesh, save the config into `workdir`, then run its stages in order."""
     validate(config)
-    if "parallel" in config:
-        parallel.initialize(config.parallel)  # before any stage touches a device
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(config, workdir)
-    stages = (config.stages,) if isinstance(config.stages, str) else tuple(config.stages)
-    for i, name in enumerate(stages, 1):
-        logging.info("stage %d/%d: %s", i, len(stages), name)
-        STAGES[name](config, workdir)
-    log_summary(workdir)
+    if "parallel" not in config:
+        with config.unlocked():
+            config.parallel = parallel.default_config()
+    # What an earlier run in this workdir chose, read before process 0 can overwrite it.
+    recorded = resolve.recorded_values(workdir)
+    mode = parallel.initialize(config.parallel)  # before anything touches a backend
+    watchdog = None
+    if jax.process_count() > 1:
+        watchdog = multihost.Watchdog(int(config.parallel.heartbeat_timeout_s)).start()
+    ok = False
+    try:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        with config.unlocked():
+            config.parallel.distributed = mode
+        resolve.resolve_for_mesh(config, parallel.make_mesh(config.parallel.fsdp), recorded)
+        if jax.process_index() == 0:
+            save_config(config, workdir)
+        stages = (config.stages,) if isinstance(config.stages, str) else tuple(config.stages)
+        for i, name in enumerate(stages, 1):
+            logging.info("stage %d/%d: %s", i, len(stages), name)
+            STAGES[name](config, workdir)
+        log_summary(workdir)
+        ok = True
+    except Exception as e:
+        if watchdog is not None and multihost.may_be_a_lost_process(e):
+            # A collective that failed because another process died raises before the
+            # heartbeat timeout: let the watchdog name the lost process first.
+            watchdog.await_verdict()
+        raise
+    finally:
+        multihost.finish(watchdog, ok)
 
 
 def log_summary(workdir: Path) -> None:

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from transvw_jax import checkpointing, metrics, parallel
+from transvw_jax import checkpointing, metrics, multihost, parallel
 from transvw_jax import transforms as T
 from transvw_jax.data import loader, store
 from transvw_jax.errors import ConfigError, TransVWError
@@ -299,7 +299,8 @@ def place_run(model, tx: optax.GradientTransformation, mesh,
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
 
-    return Run(model=model, tx=tx, mesh=mesh, steps=make_steps(var_sh, state_sh),
+    steps = multihost.aligned(make_steps(var_sh, state_sh))
+    return Run(model=model, tx=tx, mesh=mesh, steps=steps,
                like_variables=placed(abstract_vars, var_sh), like_state=placed(abstract_state, state_sh))
 
 
@@ -437,6 +438,7 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
         dataset = loader.train_dataset(
             task.train_source,
             batch_size=local,
+            global_batch_size=t.batch_size,
             seed=t.seed,
             num_threads=data.num_threads,
             prefetch=data.prefetch,
@@ -452,8 +454,8 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
         variables, state = task.init()
         start = 0
     else:
-        variables, state, data_state = ckpt.restore(start, run.like_variables, run.like_state)
-        iterator.set_state(data_state["iterator"])
+        variables, state, data_state = ckpt.restore(start, run.like_variables, run.like_state,
+                                                    iterator=iterator)
         best_eval = data_state.get("best_eval")
         evals_since_best = int(data_state.get("evals_since_best", 0))
         writer.truncate_after(start)
@@ -509,8 +511,8 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
                     stopped_early = True
             if step % t.checkpoint_every == 0 or step == t.steps or stopped_early:
                 flush_pending()
-                ckpt.save(step, variables, state, {"iterator": iterator.get_state(), "best_eval": best_eval,
-                                                   "evals_since_best": evals_since_best})
+                ckpt.save(step, variables, state,
+                          {"best_eval": best_eval, "evals_since_best": evals_since_best}, iterator=iterator)
                 last_good = step
             if stopped_early:
                 break

@@ -1,12 +1,23 @@
 """Grain pipelines from a random-access cube source to fixed-shape host batches.
 
-Training: source -> global shuffle (seeded; reshuffled every epoch) -> this process's
-slice -> repeat -> batch (drop remainder) -> parallel reads with prefetch. Every process
-shuffles with the same seed and keeps elements `process_index::process_count` of each
-epoch, so within an epoch the processes' shards are disjoint and together complete, and
-no process needs to know another's position. The iterator's state (`get_state` /
-`set_state`, a few integers) goes into the checkpoint, so a resumed run continues with
-exactly the batch it would have read next.
+Training: one global stream of cubes, `source -> shuffle(seed) -> repeat` (reshuffled every
+epoch), cut into global batches of B consecutive stream elements; process p of P reads rows
+[p*b, (p+1)*b) of each (b = B/P), which is the row order `parallel.global_batch` assembles
+(process p's rows in process order). So the training order is a function of the global
+position alone: the global batches, row for row, are the same for any process count, and
+the position of a run is one number, the global cube K where its next batch starts.
+
+Epochs: batches are cut from the stream, not from each epoch, so a batch may straddle two
+epochs and no cube is dropped at an epoch's end (with `num_epochs`, only the last partial
+global batch of the whole stream is dropped). Every epoch is still a complete permutation:
+stream elements [e*N, (e+1)*N) hold every cube once.
+
+Checkpoints: the iterator's state (`get_state` / `set_state`, Grain's protocol) is that
+global position plus who read it; each process saves its own (`checkpointing.RunCheckpointer`
+writes each process's state as that process's rows of an array). Because the order does not
+depend on the sharding, a restart with another process count or another global batch size
+resumes exactly at cube K (`TrainIterator.seek`); the iterator then rebuilds its Grain
+prefetching pipeline from K, so parallel reads and read-ahead never see a stale position.
 
 Validation: no shuffle, one pass; the last batch is padded to the full batch size and a
 boolean `mask` says which rows are real, so the eval step compiles once.
@@ -56,10 +67,126 @@ def _stack(elements: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
+class _ProcessRows(grain.MapDataset):
+    """Process p's rows of the global batches that start at stream element `start`.
+
+    Local element j is stream element `start + (j // b) * B + p * b + j % b`: random access,
+    so Grain's prefetching iterator reads the rows in parallel as for any MapDataset.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, stream: grain.MapDataset, start: int, global_batch: int, local_batch: int,
+                 process_index: int):
+        super().__init__(stream)
+        self._start, self._global, self._local, self._index = start, global_batch, local_batch, process_index
+        self._len = max(0, (len(stream) - start) // global_batch) * local_batch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _stream_index(self, j: int) -> int:
+        if not 0 <= j < self._len:
+            raise IndexError(f"row {j} of {self._len}")
+        batch, row = divmod(j, self._local)
+        return self._start + batch * self._global + self._index * self._local + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._stream_index(index)]
+
+    def _getitems(self, indices: Sequence[int]):
+        return self._parent._getitems([self._stream_index(j) for j in indices])
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(start={self._start}, B={self._global}, b={self._local}, p={self._index})"
+
+
+class TrainIterator(grain.DatasetIterator):
+    """This process's training batches from a global position, with a resharding-proof state.
+
+    The state is `{"position": K, "global_batch_size": B, "process_index": p,
+    "process_count": P}`, K being the global cube where the next batch starts. Only K is
+    needed to resume (the order is a function of the global position alone); the other
+    fields record who wrote it, so that a checkpoint can tell a same-sharding restore
+    from a resharding one. `seek(K)` / `set_state` drop the Grain pipeline and build a new
+    one from K on the next read, so no prefetched batch of the old position is returned.
+    """
+
+    def __init__(self, stream: grain.MapDataset, *, global_batch_size: int, batch_size: int,
+                 process_index: int, process_count: int, read_options: grain.ReadOptions):
+        super().__init__()
+        self._stream, self._read_options = stream, read_options
+        self.global_batch_size, self.batch_size = global_batch_size, batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self._position = 0
+        self._batches: grain.DatasetIterator | None = None  # built from _position on first use
+
+    @property
+    def position(self) -> int:
+        """The global stream element (cube) where the next global batch starts."""
+        return self._position
+
+    def _pipeline(self) -> grain.DatasetIterator:
+        if self._batches is None:
+            rows = _ProcessRows(self._stream, self._position, self.global_batch_size, self.batch_size,
+                                self.process_index)
+            ds = rows.batch(self.batch_size, drop_remainder=True, batch_fn=_stack)
+            self._batches = iter(ds.to_iter_dataset(self._read_options))
+        return self._batches
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        batch = next(self._pipeline())
+        self._position += self.global_batch_size
+        return batch
+
+    def seek(self, position: int) -> None:
+        """Continue with the global batch that starts at stream element `position`."""
+        position = int(position)
+        if position < 0:
+            raise ValueError(f"data position must be >= 0, got {position}")
+        self._drop_pipeline()
+        self._position = position
+
+    def get_state(self) -> dict[str, int]:
+        return {"position": self._position, "global_batch_size": self.global_batch_size,
+                "process_index": self.process_index, "process_count": self.process_count}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resume at `state["position"]`, whichever process and process count wrote it."""
+        self.seek(state["position"])
+
+    def start_prefetch(self) -> None:
+        self._pipeline().start_prefetch()
+
+    def _drop_pipeline(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
+    def close(self) -> None:
+        self._drop_pipeline()
+        super().close()
+
+
+class _TrainDataset(grain.IterDataset):
+    """An IterDataset whose iterators are `TrainIterator`s starting at global cube 0."""
+
+    def __init__(self, stream: grain.MapDataset, **iterator_args: Any):
+        super().__init__()
+        self._stream, self._iterator_args = stream, iterator_args
+
+    def __iter__(self) -> TrainIterator:
+        return TrainIterator(self._stream, **self._iterator_args)
+
+
 def train_dataset(source: Any, *, batch_size: int, seed: int, num_epochs: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_threads: int = DEFAULT_THREADS, prefetch: int = DEFAULT_PREFETCH) -> grain.IterDataset:
-    """Shuffled, per-process, fixed-shape training batches.
+                  global_batch_size: int | None = None, num_threads: int = DEFAULT_THREADS,
+                  prefetch: int = DEFAULT_PREFETCH) -> grain.IterDataset:
+    """Shuffled, fixed-shape training batches: this process's rows of each global batch.
 
     Args:
       source: random access (`__len__`, `__getitem__` -> {"cube", "label"}), e.g.
@@ -68,18 +195,30 @@ def train_dataset(source: Any, *, batch_size: int, seed: int, num_epochs: int | 
       seed: shuffle seed, the same on every process.
       num_epochs: None repeats forever (the train loop counts steps).
       process_index, process_count: default to `jax.process_index()` / `jax.process_count()`.
+      global_batch_size: cubes per step over all processes; defaults to
+        batch_size * process_count (given, it must be exactly that).
       num_threads, prefetch: parallel reads, and the read-ahead buffer in batches.
+
+    Returns:
+      An IterDataset whose iterators are `TrainIterator`s (state = global position).
     """
     index, count = _process_shard(process_index, process_count)
+    if global_batch_size is None:
+        global_batch_size = batch_size * count
+    if global_batch_size != batch_size * count:
+        raise ValueError(f"global batch {global_batch_size} is not batch_size {batch_size} x {count} "
+                         "processes")
     if len(source) < count:
         raise ValueError(f"{len(source)} cubes cannot be shared by {count} processes")
-    per_process = len(source) // count
-    if batch_size < 1 or batch_size > per_process:
-        raise ValueError(f"batch_size {batch_size} must be in [1, {per_process}] "
-                         f"({len(source)} cubes over {count} processes)")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed)[index::count]
-    ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=_stack)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    if batch_size < 1 or global_batch_size > len(source):
+        # A global batch larger than an epoch would hold some cube twice.
+        raise ValueError(f"batch_size {batch_size} must be in [1, {len(source) // count}] "
+                         f"({len(source)} cubes, a global batch of {global_batch_size} over {count} "
+                         "processes)")
+    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return _TrainDataset(stream, global_batch_size=global_batch_size, batch_size=batch_size,
+                         process_index=index, process_count=count, read_options=read_options)
 
 
 class _PaddedShard:

@@ -19,14 +19,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def build_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """Create the module described by a `config.model` section.
-
-    Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
-    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d | matmul | onednn; auto is
-    `layers.default_conv_impl()`: onednn on a one-device CPU backend where oneDNN is
-    installed, else matmul on CPU, xla3d elsewhere), num_classes (ynet3d,
-    encoder_classifier), out_channels and activation (unet3d: sigmoid | none).
+def validate_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a `config.model` section and return the module's keyword arguments, with
+    conv_impl possibly still "auto". Pure: starts no JAX backend and no compiler (the
+    command validates before `jax.distributed` is joined).
 
     Raises:
       ConfigError naming the offending `model.*` key.
@@ -46,10 +42,6 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     conv_impl = cfg.get("conv_impl", "auto")
     if conv_impl not in ("auto", *CONV_IMPLS):
         raise ConfigError(f"model.conv_impl must be one of {['auto', *CONV_IMPLS]}, got {conv_impl!r}")
-    if conv_impl == "auto":
-        conv_impl = default_conv_impl()
-    elif conv_impl == "onednn" and (reason := native.unavailable_reason()):
-        raise ConfigError(f"model.conv_impl: 'onednn' cannot run here: {reason}")
     kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name], conv_impl=conv_impl)
     if name == "unet3d":
         out_channels = cfg.get("out_channels", 1)
@@ -64,7 +56,28 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
         kwargs["num_classes"] = num_classes
-    return MODELS[name](**kwargs)
+    return kwargs
+
+
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """Create the module described by a `config.model` section.
+
+    Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
+    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d | matmul | onednn),
+    num_classes (ynet3d, encoder_classifier), out_channels and activation (unet3d:
+    sigmoid | none). The command resolves "auto" once for the training mesh before any
+    model is built (`transvw_jax.resolve`); a library caller that passes "auto" gets
+    `layers.default_conv_impl()` for the current backend.
+
+    Raises:
+      ConfigError naming the offending `model.*` key.
+    """
+    kwargs = validate_model_config(cfg)
+    if kwargs["conv_impl"] == "auto":
+        kwargs["conv_impl"] = default_conv_impl()
+    elif kwargs["conv_impl"] == "onednn" and (reason := native.unavailable_reason()):
+        raise ConfigError(f"model.conv_impl: 'onednn' cannot run here: {reason}")
+    return MODELS[cfg.get("name", "ynet3d")](**kwargs)
 
 
 def abstract_variables(model: nn.Module, in_channels: int = 1) -> dict:
