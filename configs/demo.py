@@ -42,10 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.released_dir = ""  # folder of train_data{r}_vwGen_ex_ref_fold{k}.0.npy files
     config.data.released_resolutions = (1, 2, 3)
     config.data.released_folds = ()  # () = every fold found
+    config.data.released_classes = 0  # keep labels below this (TransVW's train.py: 44); 0 = all
     config.data.num_threads = 2  # parallel reads per process
     config.data.prefetch = 4  # batches read ahead per process
 
-    # Pretraining (REFERENCE.md section 4: Adam 1e-3, batch 64, lambda_cls 0.01, x0.5 every
+    # Pretraining (docs/REFERENCE.md section 4: Adam 1e-3, batch 64, lambda_cls 0.01, x0.5 every
     # 40 epochs, patience 50 epochs), scaled down to minutes on a laptop CPU.
     config.train = train.default_config()
     config.train.batch_size = 8
@@ -66,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.synthesize.seed = 0
     config.synthesize.masks = False  # also write the nodule masks (volumes/masks/)
 
-    # Self-discovery (REFERENCE.md section 4), scaled down from the reference settings
+    # Self-discovery (docs/REFERENCE.md section 4), scaled down from the reference settings
     # (128x128x64 auto-encoder at width 32, 200 + 30 instances, borders 100/100/30) so that
     # it runs in a few minutes on a laptop CPU.
     config.discovery = discovery.default_config()
@@ -79,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.discovery.words.border = (16, 16, 8)
     config.discovery.words.extra_size = (25, 40)  # the reference's [50, 80) for 64-voxel cubes
     config.discovery.words.extra_offset = (-5, 5)
+    # The reference's air filter (0.15: keep cubes that are mostly lung or air) rejects every
+    # cube of these small phantoms, whose lungs are narrower than a cube; 0.6 admits enough.
+    config.discovery.words.max_air_score = 0.6
 
     # Restoration transforms (used by pretraining): one sub-dict per transform; the
     # Models Genesis settings are transforms.default_config("genesis").
@@ -103,6 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.discovery.words.border = (2, 2, 1)
         config.discovery.words.extra_size = (12, 20)
         config.discovery.words.extra_offset = (-2, 2)
+        # 5 voxels apart, 8 classes do not always fit in the 12 x 12 x 3 starts these phantoms allow.
+        config.discovery.words.min_distance = 3.0
         config.train.batch_size = 8  # divisible by the 8 simulated devices of the tests
         config.train.steps = 6
         config.train.log_every = 2

@@ -1,32 +1,34 @@
-"""TransVW on real LUNA16 chest CT, at the reference settings (REFERENCE.md section 4).
+"""TransVW on real LUNA16 chest CT, at the reference settings (docs/REFERENCE.md section 4).
 
 Run (discovery, then pretraining, then export):
   pip install -e '.[itk]'            # SimpleITK reads LUNA16's .mhd/.raw
   python -m transvw_jax.main --config configs/luna16_transvw.py --workdir runs/luna16_transvw \\
-      --config.discovery.volumes_dir=/path/to/luna16_all
+      --config.discovery.volumes_dir=/path/to/LUNA16
 Pretrain on the released TransVW cubes instead (no discovery):
   python -m transvw_jax.main --config configs/luna16_transvw.py:released --workdir runs/released \\
       --config.data.released_dir=/path/to/TransVW_data
 
-The volumes: `discover` reads every .mhd (and .nii/.nii.gz/.npy) directly inside ONE folder,
-not recursively, while LUNA16 ships ten folders subset0..subset9. Link them into one folder
-(the .raw next to its .mhd, since a .mhd names its .raw by a relative path):
-  mkdir -p /data/luna16 && ln -s /path/to/LUNA16/subset*/*.mhd /path/to/LUNA16/subset*/*.raw /data/luna16/
-Link only the CT subsets: LUNA16's seg-lungs-LUNA16 folder holds lung masks, also as .mhd,
-which discovery would take for scans. "/data/luna16" below is a placeholder; override it
-with --config.discovery.volumes_dir=... when the data lives elsewhere.
+The volumes: discovery.volumes_dir is the folder holding LUNA16's ten folders subset0..subset9
+(each .mhd next to its .raw). As in Models Genesis, discovery trains on the patients of
+subsets 0-4 (discovery.train_subsets), validates on 5-6 (discovery.val_subsets) and never
+opens 7-9, the test folds of the downstream nodule tasks, nor seg-lungs-LUNA16 (lung masks,
+also .mhd). A named subset folder that is missing stops discovery with the key and folder;
+a volumes_dir holding none of them (every scan linked into one folder) falls back to the
+seeded random split of discovery.val_fraction over all its scans, test folds included.
+Scans are read as the original code reads them (discovery.orientation = "reference": the
+stored array transposed to (X, Y, Z), not reoriented to RAS), the orientation the released
+weights were trained on. "/data/luna16" below is a placeholder; override it with
+--config.discovery.volumes_dir=... when the data lives elsewhere.
 
-Epoch-based settings: the reference counts epochs (learning rate x0.5 every 40 epochs,
-early stop after 50 epochs without a better validation loss); this package counts steps.
-`set_epoch_cadences` converts with
-    steps = epochs * train_cubes / batch_size
-where train_cubes = num_classes * train_instances * (1 + extra_resolutions) is what
-discovery writes: 44 * 200 * 3 = 26,400 cubes, i.e. 412.5 steps per epoch at batch 64.
-The conversion happens when this file is loaded, BEFORE command-line overrides: after
---config.train.batch_size=... (or other class / instance counts) pass the matching
---config.train.decay_every / eval_every / steps too (or rerun the formula), and read the
-true cube count from `<workdir>/store/manifest.json` (the run's summary logs it) when
-some classes got fewer than 200 patients.
+Epoch-based schedule: the reference counts epochs (one validation per epoch, learning rate
+x0.5 every int(0.8 * patience) = 40 epochs, early stop after 50 epochs without a better
+validation loss), so this config does too (train.schedule_unit = "epochs"): steps,
+decay_every, eval_every, checkpoint_every, sample_every, warmup_steps and patience below are
+epochs. Pretraining converts them to steps of the store it actually opens, one epoch being
+training cubes // global batch steps (logged as "epoch = N steps (M training cubes /
+global batch B)", and recorded under "schedule" in pretrain_summary.json; config.json
+shows the epoch values). So --config.train.batch_size=... or another store size needs no
+other override.
 
 The file reuses the structure of configs/demo.py (its model / data / export sections, so
 both stay in step) but rebuilds discovery, train, parallel and transforms from the
@@ -34,7 +36,6 @@ modules' defaults, so none of the demo's laptop-sized values carry over; every v
 matters for this experiment is set below.
 """
 
-import math
 from pathlib import Path
 
 import ml_collections
@@ -42,32 +43,23 @@ import ml_collections
 from transvw_jax import discovery, parallel, train, transforms
 from transvw_jax.fileio import load_module
 
-# Reference schedule, in epochs (REFERENCE.md section 4).
-DECAY_EPOCHS = 40  # learning rate x0.5 every 40 epochs
+# Reference schedule, in epochs (docs/REFERENCE.md section 4; TransVW's and Models Genesis'
+# train scripts alike): patience 50, StepLR x0.5 every int(0.8 * patience) epochs.
 PATIENCE_EPOCHS = 50  # stop after 50 epochs without a better validation loss
+DECAY_EPOCHS = int(0.8 * PATIENCE_EPOCHS)  # learning rate x0.5 every 40 epochs
 MAX_EPOCHS = 200  # an upper bound: early stopping usually ends the run sooner
 SAMPLE_EPOCHS = 10  # a PNG of input / target / restoration every 10 epochs
 
 
-def train_cubes(config: ml_collections.ConfigDict) -> int:
-    """Training cubes discovery writes: classes x training instances x resolutions."""
-    w = config.discovery.words
-    return config.model.num_classes * w.train_instances * (1 + w.extra_resolutions)
-
-
-def set_epoch_cadences(config: ml_collections.ConfigDict, cubes: int) -> None:
-    """Express the reference's epoch-based schedule in steps for `config.train.batch_size`.
-
-    One evaluation (and checkpoint) per epoch, so `patience` counts (about) epochs.
-    """
-    t = config.train
-    per_epoch = cubes / t.batch_size  # steps per epoch; batches cross epoch boundaries
-    t.eval_every = max(1, math.floor(per_epoch))
-    t.checkpoint_every = t.eval_every
-    t.decay_every = max(1, round(DECAY_EPOCHS * per_epoch))
-    t.steps = max(1, round(MAX_EPOCHS * per_epoch))
-    t.sample_every = max(1, round(SAMPLE_EPOCHS * per_epoch))
-    t.patience = max(1, round(PATIENCE_EPOCHS * per_epoch / t.eval_every))  # evaluations
+def set_epoch_schedule(t: ml_collections.ConfigDict) -> None:
+    """The reference's schedule in epochs on `t` (config.train): validation, checkpoint and
+    early-stopping counts once per epoch, as the originals' epoch loops do."""
+    t.schedule_unit = "epochs"
+    t.eval_every = t.checkpoint_every = 1
+    t.decay_every = DECAY_EPOCHS
+    t.patience = PATIENCE_EPOCHS
+    t.steps = MAX_EPOCHS
+    t.sample_every = SAMPLE_EPOCHS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -92,19 +84,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.released_dir = ""
     config.data.released_resolutions = (1, 2, 3)
     config.data.released_folds = ()
+    config.data.released_classes = 0  # 0 = every class in the released files
     config.data.num_threads = 8  # parallel reads per process
     config.data.prefetch = 16  # read-ahead, in loader elements: per-process batches
 
     # Self-discovery at the reference settings.
     config.discovery = discovery.default_config()
-    config.discovery.volumes_dir = "/data/luna16"  # placeholder: every subset's .mhd/.raw, one folder
+    config.discovery.volumes_dir = "/data/luna16"  # placeholder: the folder holding subset0..subset9
     config.discovery.normalization = "ct"  # HU window [-1000, 1000] -> [0, 1]
     # () keeps each scan's own spacing, as the reference does by default (LUNA16: ~0.6-0.9 mm
     # in-plane, 0.6-2.5 mm slices). (1.0, 1.0, 2.0) or (2.0, 2.0, 2.0) resamples (the original
     # code's 2 mm example); the border below is in voxels, so shrink it with the spacing: a
     # 512-voxel slice at 0.7 mm is ~180 voxels at 2 mm, too few for a 100-voxel border.
     config.discovery.spacing = ()
-    config.discovery.val_fraction = 0.2  # of 888 scans: ~710 training, ~178 validation patients
+    # Models Genesis' folds: train on subsets 0-4, validate on 5-6, never read 7-9 (downstream
+    # test folds). val_fraction applies only when volumes_dir has no subset folders.
+    config.discovery.train_subsets = (0, 1, 2, 3, 4)
+    config.discovery.val_subsets = (5, 6)
+    config.discovery.subset_pattern = "subset{}"
+    config.discovery.val_fraction = 0.2  # fallback: of 888 scans, ~710 training, ~178 validation
+    config.discovery.orientation = "reference"  # as stored, (X, Y, Z): the originals' (released weights')
     config.discovery.seed = 0
     config.discovery.autoencoder.size = (128, 128, 64)  # whole volumes resized to this
     config.discovery.autoencoder.width = 32
@@ -125,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     w.extra_size = (50, 80)  # their in-plane crop size, [low, high)
     w.extra_offset = (-10, 10)  # their in-plane offset, [low, high)
 
-    # Pretraining (REFERENCE.md section 4).
+    # Pretraining (docs/REFERENCE.md section 4, Self-discovery and pretraining).
     config.train = train.default_config()
     t = config.train
     t.objective = "transvw"  # restoration + visual-word classification
@@ -141,13 +140,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.eval_batches = 0  # the whole validation split at every evaluation
     t.keep_checkpoints = 3  # plus <workdir>/best, the best by validation loss (what export writes)
     t.seed = 0
-    # 26,400 cubes / 64 = 412.5 steps per epoch ->
-    #   eval_every = checkpoint_every = 412 (one epoch)
-    #   decay_every = round(40 * 412.5) = 16,500   (x0.5 every 40 epochs)
-    #   patience = round(50 * 412.5 / 412) = 50 evaluations (50 epochs)
-    #   steps = round(200 * 412.5) = 82,500 (200 epochs at most)
-    #   sample_every = round(10 * 412.5) = 4,125
-    set_epoch_cadences(config, train_cubes(config))
+    # In epochs (converted when training starts: 26,400 cubes / 64 = 412 steps per epoch for
+    # a full store): one evaluation and checkpoint per epoch, x0.5 every 40, patience 50,
+    # at most 200.
+    set_epoch_schedule(t)
 
     config.parallel = parallel.default_config()  # auto: joins a multi-process job if launched as one
     config.transforms = transforms.default_config("transvw")  # elastic + one of four transforms
@@ -158,18 +154,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "released":
         # The released TransVW cubes (train_data{r}_vwGen_ex_ref_fold{k}.0.npy + labels):
         # no discovery. Labels are read from the files; each fold holds a block of 50
-        # classes, so num_classes = 50 * folds, assuming the folds' labels follow each other
+        # classes. The original train.py pretrains on the first 44 (its cls_classes): it
+        # reads fold 1 and keeps classes 0-43, in training and validation alike, which
+        # data.released_classes = 44 does. More classes: folds 1..ceil(N / 50), e.g.
+        #   --config.data.released_folds="(1, 2)" --config.data.released_classes=100
+        #   --config.model.num_classes=100
         # (pretraining reads the true count, max label + 1, and stops naming the value to
-        # set if it differs). Use more folds with e.g.
-        #   --config.data.released_folds="(1, 2)" --config.model.num_classes=100
+        # set if model.num_classes differs). The epoch schedule above fits the released
+        # set's size by itself.
         config.stages = ("pretrain", "export")
         config.data.source = "released"
         config.data.released_dir = "/data/TransVW_data"  # placeholder: override
         config.data.released_resolutions = (1, 2, 3)  # validation uses resolution 1 only
         config.data.released_folds = (1,)
-        config.model.num_classes = 50 * len(config.data.released_folds)
-        # The released set's size is not known here: the epoch cadences above assume 26,400
-        # cubes. With N training cubes, set decay_every = 40 * N / 64 and eval_every = N / 64.
+        config.data.released_classes = 44
+        config.model.num_classes = config.data.released_classes
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; known: released")
     return config

@@ -9,7 +9,7 @@ pods and SLURM), so no process count or coordinator address is needed.
 Discovery is NOT run here: it is a single-host job (process 0 would do all of it while the
 other workers wait). Run it once beforehand on one machine, e.g.
   python -m transvw_jax.main --config configs/luna16_transvw.py --workdir /mnt/disks/data \\
-      --config.stages="('discover',)" --config.discovery.volumes_dir=/path/to/luna16_all
+      --config.stages="('discover',)" --config.discovery.volumes_dir=/path/to/LUNA16
 which writes /mnt/disks/data/store, the store this config reads.
 
 Shared storage: every worker reads the store and writes checkpoints into the workdir, so
@@ -53,16 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (1024 = 4 cubes per chip on 256 chips, 32 per chip on a v4-64's 32 chips).
     t.batch_size = 1024
     t.log_every = 10
-    # The epoch cadences for 1024, from the base config's 26,400-cube store (kept for
-    # "released" too, whose size is not known here, as in the base config):
-    # 26,400 / 1024 = 25.78 steps per epoch ->
-    #   eval_every = checkpoint_every = 25
-    #   decay_every = round(40 * 25.78) = 1,031
-    #   patience = round(50 * 25.78 / 25) = 52 evaluations (~50 epochs)
-    #   steps = round(200 * 25.78) = 5,156
-    # A larger store (more classes or patients) wants these recomputed: see the base config.
-    base.set_epoch_cadences(config, base.train_cubes(base.get_config()))
-    # Same learning rate as at batch 64; a short linear warmup (~2 epochs, 50 steps) steadies
-    # the first large-batch Adam steps (0 = the reference).
-    t.warmup_steps = 2 * t.eval_every
+    # The base config's schedule is in epochs (train.schedule_unit = "epochs"), converted to
+    # steps of the store at this batch when training starts (a full 26,400-cube store:
+    # 26,400 // 1024 = 25 steps per epoch), for "released" as well.
+    # Same learning rate as at batch 64; a short linear warmup (2 epochs, in the schedule's
+    # unit) steadies the first large-batch Adam steps (0 = the reference).
+    t.warmup_steps = 2
     return config

@@ -20,6 +20,7 @@ CASES = [
     ("luna16_transvw", None),
     ("luna16_transvw", "released"),
     ("luna16_genesis", None),
+    ("luna16_genesis", "adam"),
     ("tpu_pod", None),
     ("tpu_pod", "released"),
 ]
@@ -34,8 +35,10 @@ def load_config(name: str, arg: str | None = None):
 def test_config_validates(name, arg):
     config = load_config(name, arg)
     stages.validate(config)
-    assert config.train.batch_size % 8 == 0  # divisible by the tests' 8 simulated devices
+    if (name, arg) != ("luna16_genesis", None):  # the original Models Genesis batch, 6
+        assert config.train.batch_size % 8 == 0  # divisible by the tests' 8 simulated devices
     assert config.train.decay_every >= config.train.eval_every >= 1
+    assert config.train.schedule_unit == "epochs"  # converted to steps of the store at run time
 
 
 def test_luna16_transvw_reference_settings():
@@ -47,8 +50,9 @@ def test_luna16_transvw_reference_settings():
     assert (t.objective, t.optimizer, t.learning_rate, t.batch_size) == ("transvw", "adam", 1e-3, 64)
     assert (t.lambda_rec, t.lambda_cls) == (1.0, 0.01)
     assert (t.schedule, t.decay_factor) == ("step", 0.5)
-    # 44 classes * 200 instances * 3 resolutions = 26,400 cubes = 412.5 steps per epoch
-    assert (t.eval_every, t.decay_every, t.patience, t.steps) == (412, 16_500, 50, 82_500)
+    # In epochs: one evaluation and checkpoint per epoch, x0.5 every 40, patience 50, 200 at most
+    assert t.schedule_unit == "epochs"
+    assert (t.eval_every, t.checkpoint_every, t.decay_every, t.patience, t.steps) == (1, 1, 40, 50, 200)
     d = c.discovery
     assert d.normalization == "ct" and d.volumes_dir
     assert (tuple(d.autoencoder.size), d.autoencoder.width) == ((128, 128, 64), 32)
@@ -63,7 +67,8 @@ def test_luna16_transvw_released():
     c = load_config("luna16_transvw", "released")
     assert tuple(c.stages) == ("pretrain", "export")
     assert c.data.source == "released" and c.data.released_dir
-    assert c.model.num_classes == 50 * len(c.data.released_folds)
+    # train.py's cls_classes: the first 44 classes of fold 1
+    assert tuple(c.data.released_folds) == (1,) and c.data.released_classes == c.model.num_classes == 44
     with pytest.raises(ValueError, match="unknown config argument"):
         load_config("luna16_transvw", "nope")
 
@@ -73,9 +78,15 @@ def test_luna16_genesis():
     assert tuple(c.stages) == ("discover", "pretrain", "export")
     assert (c.model.name, c.train.objective, c.transforms.policy) == ("unet3d", "genesis", "genesis")
     assert c.discovery.mode == "random"
-    assert (c.train.optimizer, c.train.learning_rate) == ("adam", 1e-3)  # not Genesis' SGD lr=1
+    t = c.train  # the original Models Genesis optimiser and schedule (epochs)
+    assert (t.optimizer, t.learning_rate, t.momentum, t.batch_size) == ("sgd", 1.0, 0.9, 6)
+    assert (t.schedule_unit, t.schedule, t.decay_factor) == ("epochs", "step", 0.5)
+    assert (t.decay_every, t.patience, t.eval_every) == (int(0.8 * 50), 50, 1)
     assert c.transforms.local_shuffle.num_blocks == 10_000 and not c.transforms.elastic.enabled
     assert c.data.source == "store"
+    a = load_config("luna16_genesis", "adam").train
+    assert (a.optimizer, a.learning_rate, a.batch_size) == ("adam", 1e-3, 64)
+    assert (a.schedule_unit, a.decay_every, a.patience) == ("epochs", 40, 50)
 
 
 def test_tpu_pod():
@@ -86,8 +97,9 @@ def test_tpu_pod():
     assert c.train.batch_size % 256 == 0  # global: divisible by the chip counts of slices up to 256
     assert c.data.store_dir.startswith("/") and "://" not in c.data.store_dir
     assert c.data.num_threads == 16
-    # 26,400 / 1024 = 25.78 steps per epoch
-    assert (c.train.eval_every, c.train.decay_every, c.train.patience) == (25, 1031, 52)
+    t = c.train  # in epochs, as the base config; 2 epochs of warmup
+    assert t.schedule_unit == "epochs"
+    assert (t.eval_every, t.decay_every, t.patience, t.warmup_steps) == (1, 40, 50, 2)
 
 
 def test_launch_scripts_parse():
@@ -133,3 +145,12 @@ def test_configs_have_no_stray_arguments():
     for name in ("luna16_genesis", "tpu_pod"):
         with pytest.raises(ValueError):
             load_config(name, "nope")
+
+
+@pytest.mark.parametrize("name", ["luna16_transvw", "luna16_genesis", "tpu_pod"])
+def test_luna16_configs_use_models_genesis_folds_and_the_original_orientation(name):
+    """Pretrain on subsets 0-4, validate on 5-6, never read 7-9; arrays as the originals read them."""
+    d = load_config(name).discovery
+    assert (tuple(d.train_subsets), tuple(d.val_subsets)) == ((0, 1, 2, 3, 4), (5, 6))
+    assert d.subset_pattern == "subset{}" and d.orientation == "reference"
+    assert not {7, 8, 9} & set(d.train_subsets + d.val_subsets)

@@ -334,3 +334,16 @@ def test_label_efficiency_stage_from_the_command_line(labeled_dir, pretrain_work
     rows = json.loads((tmp_path / "label_efficiency.json").read_text())["rows"]
     assert all(0.0 <= r["mean"] <= 1.0 for r in rows)
     assert "label efficiency table:" in proc.stderr
+
+
+def test_orientation_is_validated_and_recorded_for_resume():
+    config = demo_finetune.get_config()
+    assert config.finetune.orientation == "ras"  # the default outside the LUNA16 configs
+    finetune.validate_config(config)
+    config.finetune.orientation = "reference"
+    finetune.validate_config(config)
+    assert "orientation" in finetune.RESUME_SETTINGS  # another orientation is other data
+    config.finetune.orientation = "lps"
+    with pytest.raises(ConfigError) as info:
+        finetune.validate_config(config)
+    assert str(info.value) == "finetune.orientation: 'lps' is not one of ras, reference"

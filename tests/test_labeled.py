@@ -117,3 +117,29 @@ def test_segment_cases_writes_masks_with_the_input_affine_and_a_report(nnunet, t
     assert saved["summary"]["dice_class1"] == {"mean": 0.0, "sd": 0.0}
     assert 0.99 < saved["summary"]["dice_class0"]["mean"] < 1.0
     assert not list((tmp_path / "out").rglob(".*tmp*"))
+
+
+def test_cases_read_in_either_orientation_stay_paired(tmp_path):
+    """An LPS-like case: "ras" flips image and label alike, "reference" keeps both as stored."""
+    from transvw_jax.data import patches
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, (12, 10, 8)).astype(np.int16)
+    mask = np.zeros((12, 10, 8), np.uint8)
+    mask[1:3, 2:4, 5] = 1
+    affine = np.diag([-0.7, -0.8, 2.5, 1.0])
+    _write(tmp_path / "img.nii.gz", hu, affine)
+    _write(tmp_path / "lab.nii.gz", mask, affine)
+    case = labeled.Case("c", tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")
+    expected = (np.clip(hu, -1000, 1000).astype(np.float32) + 1000) / 2000
+    image, label = labeled.load_case(case, 2, orientation="reference")
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    np.testing.assert_array_equal(label, mask)
+    image, label = labeled.load_case(case, 2)  # "ras": x and y mirrored
+    np.testing.assert_allclose(image, expected[::-1, ::-1], atol=1e-6)
+    np.testing.assert_array_equal(label, mask[::-1, ::-1])
+    ras = patches.cache_cases([case], 2, tmp_path / "cache")[0]
+    np.testing.assert_array_equal(np.load(ras.label), mask[::-1, ::-1])
+    ref = patches.cache_cases([case], 2, tmp_path / "cache", orientation="reference")[0]  # rebuilt
+    np.testing.assert_array_equal(np.load(ref.label), mask)
+    assert json.loads((tmp_path / "cache" / "c.json").read_text())["orientation"] == "reference"

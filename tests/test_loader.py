@@ -121,6 +121,32 @@ def test_validation_shards_cover_every_cube_once_with_equal_batch_counts():
     assert sorted(real) == list(range(11))
 
 
+class _SortedByClass(_Indexed):
+    """Cube i of class i // 8 (5 classes of 8 cubes): the order a store lists them in."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "label": np.int32(i // 8)}
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_shuffled_validation_mixes_classes_in_a_fixed_order(count):
+    source = _SortedByClass(40)
+
+    def shares(seed):
+        return [list(loader.eval_dataset(source, batch_size=8 // count, process_index=i, process_count=count,
+                                          shuffle_seed=seed)) for i in range(count)]
+
+    first = shares(0)
+    for step in range(len(first[0])):  # the global batch: every process's rows of this step
+        labels = np.concatenate([s[step]["label"] for s in first])
+        assert len(set(labels.tolist())) > 1
+    assert len({len(s) for s in first}) == 1
+    real = [i for s in first for b in s for i, m in zip(_ids(b), b["mask"], strict=True) if m]
+    assert sorted(real) == list(range(40))
+    assert [[_ids(b) for b in s] for s in shares(0)] == [[_ids(b) for b in s] for s in first]
+    assert [[_ids(b) for b in s] for s in shares(1)] != [[_ids(b) for b in s] for s in first]
+
+
 def test_bad_batch_sizes_are_explained():
     with pytest.raises(ValueError, match="batch_size 11 must be in"):
         loader.train_dataset(_Indexed(10), batch_size=11, seed=0, process_index=0, process_count=1)

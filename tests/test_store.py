@@ -152,6 +152,22 @@ def test_released_layout_selects_resolutions_and_folds(tmp_path):
         src[10]
 
 
+def test_released_classes_keeps_the_first_classes(tmp_path):
+    """classes=N keeps the cubes labelled below N (train.py's first 44 of fold 1's 50)."""
+    data = _released(tmp_path, folds=(1,), n=5)  # labels 0..4 in every file
+    src = store.ReleasedSource(tmp_path, folds=(1,), classes=3)
+    assert len(src) == 9 and src.num_classes == 3
+    assert sorted(src.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    e = src[5]  # second file (r=2), its third kept row: row 2, label 2
+    assert int(e["label"]) == 2
+    np.testing.assert_allclose(e["cube"], data[(2, 1)][0][2], rtol=1e-6)
+    assert all(int(src[i]["label"]) < 3 for i in range(len(src)))
+    assert len(store.ReleasedSource(tmp_path, folds=(1,), classes=50)) == 15  # all below 50
+    assert len(store.ReleasedSource(tmp_path, split="validation", resolutions=(1,), classes=3)) == 2
+    with pytest.raises(IndexError):
+        src[9]
+
+
 def test_released_layout_errors_name_the_file(tmp_path):
     _released(tmp_path, folds=(1,))
     with pytest.raises(DataError, match="train_data2_vwGen_ex_ref_fold3.0.npy"):

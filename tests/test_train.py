@@ -169,6 +169,54 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_store):
     assert np.isfinite(m["loss"]) and m["loss"] > 0
 
 
+def test_epoch_schedule_converts_to_steps_of_the_training_source():
+    config = demo.get_config("runlocal")
+    t = config.train
+    t.update(schedule_unit="epochs", batch_size=8, steps=3, decay_every=2, warmup_steps=1, eval_every=2,
+             checkpoint_every=1, sample_every=0, patience=5, log_every=7)
+    converted, record = train.schedule_in_steps(config, 43)  # 43 // 8 = 5 steps per epoch
+    c = converted.train
+    assert (c.steps, c.decay_every, c.warmup_steps, c.eval_every, c.checkpoint_every) == (15, 10, 5, 10, 5)
+    assert (c.sample_every, c.log_every, c.schedule_unit) == (0, 7, "steps")
+    assert c.patience == 3  # 5 epochs of patience = 3 evaluations every 2 epochs, rounded up
+    assert record["steps_per_epoch"] == 5 and record["unit"] == "epochs" and record["decay_every"] == 10
+    assert t.schedule_unit == "epochs" and t.steps == 3  # the caller's config is left as written
+    same, _ = train.schedule_in_steps(demo.get_config("runlocal"), 43)  # steps: unchanged
+    assert same.train.steps == demo.get_config("runlocal").train.steps
+    from transvw_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="an epoch holds no step"):
+        train.schedule_in_steps(config, 7)
+
+
+def test_epoch_schedule_reaches_the_training_loop(tiny_store, tmp_path, caplog):
+    """40 training cubes / batch 8 = 5 steps per epoch: 2 epochs = 10 steps, evaluated every epoch."""
+    config = tiny_config(tiny_store, schedule_unit="epochs", batch_size=8, steps=2, eval_every=1,
+                         checkpoint_every=1, decay_every=1, patience=50, log_every=5)
+    with caplog.at_level("INFO"):
+        summary = train.train_and_evaluate(config, tmp_path)
+    assert "epoch = 5 steps (40 training cubes / global batch 8)" in caplog.text
+    assert summary.step == 10 and summary.schedule["steps"] == 10 and summary.schedule["decay_every"] == 5
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "eval"] == [5, 10]
+
+
+def test_released_classes_selects_the_first_classes(tmp_path):
+    """`:released` pretrains on classes 0-43 of fold 1's 50, as TransVW's train.py: here 3 of 5."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(5, dtype=np.float64).reshape(5, 1)
+    for prefix, resolutions in (("train", (1, 2, 3)), ("val", (1,))):
+        for r in resolutions:
+            np.save(tmp_path / f"{prefix}_data{r}_vwGen_ex_ref_fold1.0.npy", rng.random((5, *SHAPE)))
+            np.save(tmp_path / f"{prefix}_label{r}_vwGen_ex_ref_fold1.0.npy", labels)
+    config = demo.get_config("runlocal")
+    config.data.update(source="released", released_dir=str(tmp_path), released_folds=(1,), released_classes=3)
+    train_src, val_src, num_classes = train.open_sources(config, tmp_path)
+    assert (len(train_src), len(val_src), num_classes) == (9, 3, 3)
+    config.data.released_classes = 0  # every class in the files
+    assert train.open_sources(config, tmp_path)[2] == 5
+
+
 def test_unusable_batch_size_and_missing_validation_are_config_errors(tiny_store, tmp_path):
     from transvw_jax.errors import ConfigError
 

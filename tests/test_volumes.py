@@ -212,14 +212,19 @@ def test_mhd_geometry_lps_to_ras_without_simpleitk():
         V._mhd_volume(Path("s.mhd"), ramp((18, 20, 1)), 2, (1, 1), (0, 0), (1, 0, 0, 1))
 
 
-def test_mhd_round_trip_with_simpleitk(tmp_path):
-    sitk = pytest.importorskip("SimpleITK")
-    data = ramp(dtype=np.int16)
+def _write_mhd(sitk, path: Path, data: np.ndarray) -> Path:
+    """`data` (X, Y, Z) as an .mhd/.raw pair with SimpleITK's default (identity) direction."""
     image = sitk.GetImageFromArray(data.transpose(2, 1, 0))
     image.SetSpacing((0.7, 0.8, 2.5))
     image.SetOrigin((-100.0, -50.0, 30.0))
-    path = tmp_path / "scan.mhd"
     sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_mhd_round_trip_with_simpleitk(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    data = ramp(dtype=np.int16)
+    path = _write_mhd(sitk, tmp_path / "scan.mhd", data)
     assert list(tmp_path.glob("scan.*raw"))
     volume = V.read_raw(path)
     np.testing.assert_array_equal(volume.array, data[::-1, ::-1].astype(np.float32))
@@ -283,3 +288,72 @@ def test_scan_volumes_directory_errors(tmp_path):
     assert "not a 3D volume" in message
     with pytest.raises(ValueError, match="zscore"):
         V.scan_volumes(bad, normalization="zscore")
+
+
+# An LPS-like NIfTI: voxel x grows to the Right-to-Left (-x in RAS), y to the back (-y), as a
+# DICOM/ITK scan converted without reorientation; z is the slice axis, growing superior.
+LPS_LIKE = np.array([[-0.7, 0, 0, 100.0], [0, -0.8, 0, 50.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+
+
+def test_nifti_reference_orientation_keeps_the_stored_array(tmp_path):
+    data = ramp(dtype=np.int16)
+    path = save_nifti(tmp_path / "lps.nii.gz", data, LPS_LIKE)
+    ras = V.read_raw(path)  # the default
+    np.testing.assert_array_equal(ras.array, data[::-1, ::-1].astype(np.float32))
+    ref = V.read_raw(path, orientation="reference")
+    np.testing.assert_array_equal(ref.array, data.astype(np.float32))
+    assert ref.array.dtype == np.float32 and ref.array.flags.c_contiguous
+    np.testing.assert_allclose(ref.spacing, (0.7, 0.8, 2.5), rtol=1e-6)
+    np.testing.assert_allclose(ref.affine, LPS_LIKE, rtol=1e-6)  # still voxel -> RAS world
+    # One voxel, one world position, in either orientation: ref (i, j, k) = ras (19-i, 17-j, k).
+    np.testing.assert_allclose(world(ref.affine, (2, 3, 4)), world(ras.affine, (17, 14, 4)), atol=1e-4)
+    # Permuted axes stay unpermuted in "reference".
+    perm = np.array([[0, 1.5, 0, 0], [-2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    ref = V.read_raw(save_nifti(tmp_path / "perm.nii", data, perm), "reference")
+    np.testing.assert_array_equal(ref.array, data.astype(np.float32))
+    assert ref.spacing == (2.0, 1.5, 3.0)
+    loaded = V.load_volume(path, normalization="none", orientation="reference", spacing=(1.4, 0.8, 2.5))
+    assert loaded.array.shape == (10, 18, 12)
+    np.testing.assert_array_equal(loaded.array[:, :, 0], data[::2, :, 0].astype(np.float32))
+
+
+def test_mhd_reference_orientation_is_the_transposed_itk_array():
+    data = ramp()
+    array_zyx = data.transpose(2, 1, 0)
+    direction = np.diag([1.0, 1.0, -1.0]).ravel()  # slices stacked towards the feet
+    args = (Path("s.mhd"), array_zyx, 3, (0.7, 0.8, 2.5), (-100.0, -50.0, 30.0), direction)
+    ref = V._mhd_volume(*args, orientation="reference")
+    np.testing.assert_array_equal(ref.array, data)  # GetArrayFromImage(...).transpose(2, 1, 0)
+    np.testing.assert_allclose(ref.spacing, (0.7, 0.8, 2.5))
+    np.testing.assert_allclose(ref.affine[:3, :3], np.diag([-0.7, -0.8, -2.5]))
+    np.testing.assert_allclose(world(ref.affine, (0, 0, 0)), (100.0, 50.0, 30.0))
+    # LPS x, y and a caudal z: all three axes run against RAS+, so "ras" flips all three.
+    np.testing.assert_array_equal(V._mhd_volume(*args).array, data[::-1, ::-1, ::-1])
+
+
+def test_mhd_reference_orientation_with_simpleitk(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    data = ramp(dtype=np.int16)
+    path = _write_mhd(sitk, tmp_path / "scan.mhd", data)
+    ref = V.read_raw(path, orientation="reference")
+    np.testing.assert_array_equal(ref.array, data.astype(np.float32))
+    # As the original code reads it: ReadImage -> GetArrayFromImage -> transpose(2, 1, 0).
+    original = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)
+    np.testing.assert_array_equal(ref.array, original)
+    np.testing.assert_allclose(ref.spacing, (0.7, 0.8, 2.5), rtol=1e-6)
+    np.testing.assert_array_equal(V.read_raw(path, "ras").array, data[::-1, ::-1].astype(np.float32))
+    # The same scan as an LPS-like NIfTI reads identically in "reference" too.
+    nifti = save_nifti(tmp_path / "scan.nii.gz", data, np.diag([-0.7, -0.8, 2.5, 1.0]))
+    nifti = V.read_raw(nifti, "reference")
+    np.testing.assert_array_equal(nifti.array, ref.array)
+    result = V.scan_volumes(tmp_path, orientation="reference", log=False)
+    assert result.paths == [path, tmp_path / "scan.nii.gz"] and not result.skipped
+
+
+def test_unknown_orientation_is_a_value_error(tmp_path):
+    np.save(tmp_path / "a.npy", ramp())
+    for call in (V.read_raw, V.load_volume):
+        with pytest.raises(ValueError, match="orientation 'lps'"):
+            call(tmp_path / "a.npy", orientation="lps")
+    with pytest.raises(ValueError, match="orientation"):
+        V.scan_volumes(tmp_path, orientation="LPS")

@@ -1,4 +1,4 @@
-"""Elastic deformation of TransVW (REFERENCE.md section 3): x and y displacement fields,
+"""Elastic deformation of TransVW (docs/REFERENCE.md section 3, transforms): x and y displacement fields,
 Gaussian-smoothed uniform noise, linear interpolation with reflected edges.
 
 Two implementations of the same arithmetic (`impl`): "xla", pure JAX (the definition, and

@@ -21,7 +21,7 @@ keeps its fresh initialisation, any other mismatch is an error naming the key. W
 loaded is written to `<run>/pretrained.json`. `freeze_encoder` trains everything but the
 encoder (for classification: the head's conv, BN and dense train on frozen features).
 
-Defaults follow REFERENCE.md section 5: Adam 1e-3, early stopping with patience 15
+Defaults follow docs/REFERENCE.md section 5 (Fine-tuning): Adam 1e-3, early stopping with patience 15
 evaluations, 64x64x32 inputs.
 """
 
@@ -42,7 +42,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from transvw_jax import checkpointing, evaluation, export, parallel, predict, train
-from transvw_jax.data import labeled, loader, patches, store
+from transvw_jax.data import labeled, loader, patches, store, volumes
 from transvw_jax.errors import CheckpointError, ConfigError
 from transvw_jax.fileio import atomic_write_json, atomic_write_text
 from transvw_jax.models import build_model
@@ -59,6 +59,7 @@ RESUME_SETTINGS = (
     "foreground_fraction",
     "patches_per_case",
     "normalization",
+    "orientation",
     "init",
     "load",
     "freeze_encoder",
@@ -76,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_classes = 0  # classes incl. background; 0 = from dataset.json (classification: from the CSV)
     c.candidates_csv = ""  # classification: volume,x,y,z,label rows
     c.normalization = "ct"  # ct (HU window) | percentile | none
+    # ras: volumes reoriented to RAS+; reference: as stored, transposed to (X, Y, Z), as the
+    # original TransVW / Models Genesis code reads LUNA16 (data/volumes.py)
+    c.orientation = "ras"
     c.patch_shape = (64, 64, 32)
     c.foreground_fraction = 0.33  # nnU-Net's oversampling
     c.patches_per_case = 64  # training patches per case and epoch
@@ -137,6 +141,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"finetune.normalization: {f.normalization!r} is not one of {', '.join(NORMALIZATIONS)} "
             "(fine-tuning patches are cached in [0, 1])"
         )
+    if f.orientation not in volumes.ORIENTATIONS:
+        raise ConfigError(
+            f"finetune.orientation: {f.orientation!r} is not one of {', '.join(volumes.ORIENTATIONS)}"
+        )
     if not 0.0 < f.label_fraction <= 1.0:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {f.label_fraction}")
     if not 0.0 < f.val_fraction < 1.0:
@@ -191,7 +199,8 @@ class Data:
             by_name = {c.name: c for c in ds.cases}
             self.val_cases = [by_name[n] for n in split["validation"]]
             cached = patches.cache_cases(
-                [by_name[n] for n in used] + self.val_cases, ds.num_classes, cache, f.normalization
+                [by_name[n] for n in used] + self.val_cases, ds.num_classes, cache, f.normalization,
+                f.orientation,
             )
             train_cached, val_cached = cached[: len(used)], cached[len(used) :]
             # Every training sample is a fresh crop: the source is as long as the run needs
@@ -220,7 +229,7 @@ class Data:
                     "classification needs two classes or more"
                 )
             self.class_names = {i: str(i) for i in range(self.num_classes)}
-            source = patches.CandidateSource(candidates, f.patch_shape, cache, f.normalization)
+            source = patches.CandidateSource(candidates, f.patch_shape, cache, f.normalization, f.orientation)
             volume_of = [str(c.volume) for c in candidates]
             split = labeled.split_cases(sorted(set(volume_of)), f.val_fraction, f.split_seed)
             _check_split(split, f.val_fraction, "volumes")
@@ -682,6 +691,7 @@ def final_evaluation(config: ml_collections.ConfigDict, run: train.Run, data: Da
             normalization=f.normalization,
             blending=f.inference.blending,
             params=variables,
+            orientation=f.orientation,
         )
         final = {k: v["mean"] for k, v in report["summary"].items() if not k.endswith("class0")}
     if jax.process_count() > 1:

@@ -1,11 +1,11 @@
 """Whole-volume segmentation outputs: predicted masks as NIfTI, overlays, a per-case report.
 
 `segment_cases` runs sliding-window inference on each case, writes the argmax mask as
-`<out>/masks/<case>.nii.gz` with the INPUT's affine (so it overlays the scan in any
-viewer), scores it against the label (Dice / IoU per class), draws a PNG overlay of the
-axial slice with the most foreground (image in grey, ground truth green, prediction red,
-overlap yellow), and writes `<out>/report.json` with the per-case figures and mean +- sd
-per class. Every file is written atomically.
+`<out>/masks/<case>.nii.gz` with the INPUT's affine in the orientation it was read in (so
+it overlays the scan in any viewer), scores it against the label (Dice / IoU per class),
+draws a PNG overlay of the axial slice with the most foreground (image in grey, ground
+truth green, prediction red, overlap yellow), and writes `<out>/report.json` with the
+per-case figures and mean +- sd per class. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -48,20 +48,24 @@ def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, scale:
 
 def segment_cases(predict: Callable[..., jax.Array], cases: Sequence[labeled.Case], num_classes: int,
                   window: Sequence[int], out: str | os.PathLike, *, overlap: float = 0.5, batch_size: int = 4,
-                  normalization: str = "ct", blending: str = "gaussian", params: Any = None) -> dict:
+                  normalization: str = "ct", blending: str = "gaussian", params: Any = None,
+                  orientation: str = "ras") -> dict:
     """Predict, save, score and draw every case; returns (and writes) the report.
 
     `predict`, `overlap`, `batch_size`, `blending`, `params`: as in `inference.sliding_window`.
+    `orientation`: how the cases are read (volumes.ORIENTATIONS); the mask is saved with the
+    affine of the image read the same way, so it lands on the scan's voxels either way.
     """
     out = Path(out)
     per_case = {}
     progress = Progress("segment", len(cases), "cases")
     for case in cases:
-        image, truth = labeled.load_case(case, num_classes, normalization)
+        image, truth = labeled.load_case(case, num_classes, normalization, orientation)
         probs = inference.sliding_window(predict, image, window, overlap=overlap, batch_size=batch_size,
                                          blending=blending, params=params)
         mask = np.argmax(probs, axis=-1) if probs.shape[-1] > 1 else (probs[..., 0] > 0.5).astype(np.int32)
-        write_mask(out / "masks" / f"{case.name}.nii.gz", mask, volumes.read_raw(case.image).affine)
+        affine = volumes.read_raw(case.image, orientation).affine
+        write_mask(out / "masks" / f"{case.name}.nii.gz", mask, affine)
         scores = evaluation.dice_iou(mask, truth, num_classes)
         per_case[case.name] = {k: v.tolist() for k, v in scores.items()}
         save_png(overlay(image, truth, mask), out / "overlays" / f"{case.name}.png")

@@ -77,7 +77,7 @@ def pretrain_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if jax.process_index() == 0:
         report = {"step": summary.step, "stopped_early": summary.stopped_early,
                   "last_train": summary.last_train, "best_eval": summary.best_eval,
-                  "best_step": summary.best_step}
+                  "best_step": summary.best_step, "schedule": summary.schedule}
         atomic_write_json(workdir / "pretrain_summary.json", report, indent=2)
 
 

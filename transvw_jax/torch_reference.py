@@ -1,4 +1,4 @@
-"""PyTorch versions of the reference networks, written from REFERENCE.md section 2.
+"""PyTorch versions of the reference networks, written from docs/REFERENCE.md section 2 (Network).
 
 They let a user without the original code load a `.pt` export (`load_state_dict(...,
 strict=True)`), and they are the yardstick of the parity tests and of the PyTorch

@@ -42,6 +42,9 @@ from transvw_jax.models import abstract_variables, build_model, init_variables
 OBJECTIVES = {"transvw": "ynet3d", "genesis": "unet3d"}
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
+SCHEDULE_UNITS = ("steps", "epochs")
+# Counted in epochs when train.schedule_unit = "epochs" (patience too: see `schedule_in_steps`).
+EPOCH_KEYS = ("steps", "decay_every", "warmup_steps", "eval_every", "checkpoint_every", "sample_every")
 NUM_TRANSFORMS = len(T.TRANSFORM_NAMES)
 METRICS = ("loss", "rec", "cls", "acc", "grad_norm")  # train-step metrics, in display order
 
@@ -54,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.objective = "transvw"  # transvw (YNet3D, restoration + visual words) | genesis (UNet3D)
     c.batch_size = 64  # global: split over processes and devices
+    # steps | epochs: the unit of steps, decay_every, warmup_steps, eval_every, checkpoint_every,
+    # sample_every and patience. "epochs" (the reference's unit) converts them to steps of the
+    # actual training data when training starts (`schedule_in_steps`); log_every is always steps.
+    c.schedule_unit = "steps"
     c.steps = 10_000
     c.optimizer = "adam"  # adam | sgd (momentum below)
     c.learning_rate = 1e-3
@@ -92,6 +99,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ):
         logging.warning("train.objective=%s with transforms.policy=%s", t.objective, config.transforms.policy)
     validate_loop_config(t, "train")
+    if t.get("schedule_unit", "steps") not in SCHEDULE_UNITS:
+        raise ConfigError(f"train.schedule_unit: {t.schedule_unit!r} is not one of "
+                          f"{', '.join(SCHEDULE_UNITS)}")
+    if config.data.get("released_classes", 0) < 0:
+        raise ConfigError(f"data.released_classes must be >= 0 (0 = all), got {config.data.released_classes}")
     if t.lambda_rec < 0 or t.lambda_cls < 0:
         raise ConfigError("train.lambda_rec and train.lambda_cls must be >= 0")
     if config.data.source not in ("store", "released"):
@@ -327,14 +339,17 @@ def open_sources(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Any,
                 f"{tuple(s.cube_shape)} cubes"
             )
         return s.source("train"), s.source("validation"), s.num_classes
+    classes = d.get("released_classes", 0) or None  # 0 = every class in the files
     train = store.ReleasedSource(
         d.released_dir,
         split="train",
         resolutions=tuple(d.released_resolutions),
         folds=tuple(d.released_folds) or None,
+        classes=classes,
     )
     val = store.ReleasedSource(
-        d.released_dir, split="validation", resolutions=(1,), folds=tuple(d.released_folds) or None
+        d.released_dir, split="validation", resolutions=(1,), folds=tuple(d.released_folds) or None,
+        classes=classes,
     )
     if tuple(train.cube_shape) != tuple(d.cube_shape):
         raise ConfigError(
@@ -342,6 +357,46 @@ def open_sources(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Any,
             f"{tuple(train.cube_shape)} cubes"
         )
     return train, val, max(train.num_classes, val.num_classes)
+
+
+def schedule_in_steps(config: ml_collections.ConfigDict,
+                      train_cubes: int) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """`config` with its train schedule in steps, and a record of the conversion.
+
+    The reference counts epochs of the data it trains on (x0.5 every 40 epochs, one
+    validation per epoch, patience 50 epochs), so a config written in epochs
+    (train.schedule_unit = "epochs") stays right whatever the store holds and whatever the
+    batch: only here, with the training source open, is the epoch known. One epoch is
+    `train_cubes // batch_size` steps (whole global batches, as Models Genesis' epoch loop;
+    the training stream carries the remainder into the next epoch, so no cube is skipped);
+    the EPOCH_KEYS become multiples of it, and patience, counted in epochs, becomes the
+    evaluations those epochs hold (`fit` counts evaluations), rounded up. A config in steps
+    comes back unchanged. The record (unit, steps per epoch, the step values) is logged and
+    written to pretrain_summary.json: config.json, written before training, shows the
+    values as configured.
+    """
+    t = config.train
+    per_epoch = train_cubes // t.batch_size
+    unit = t.get("schedule_unit", "steps")
+    if per_epoch < 1 and unit == "epochs":  # in steps, `fit` explains the batch size
+        raise ConfigError(f"train.batch_size={t.batch_size}: larger than the {train_cubes} training cubes, "
+                          "an epoch holds no step")
+    logging.info("epoch = %d steps (%d training cubes / global batch %d)", per_epoch, train_cubes,
+                 t.batch_size)
+    if unit == "epochs":
+        config = config.copy_and_resolve_references()
+        t = config.train
+        patience_epochs, eval_epochs = t.patience, t.eval_every
+        for key in EPOCH_KEYS:
+            t[key] = int(t[key]) * per_epoch
+        t.patience = -(-patience_epochs // eval_epochs) if patience_epochs else 0
+        t.schedule_unit = "steps"
+        logging.info("schedule in steps: %s, patience %d evaluations",
+                     ", ".join(f"{k} {t[k]}" for k in EPOCH_KEYS), t.patience)
+    record: dict[str, Any] = {"unit": unit, "steps_per_epoch": per_epoch, "train_cubes": train_cubes,
+                              "global_batch": t.batch_size, "patience_evaluations": t.patience}
+    record.update({k: int(t[k]) for k in EPOCH_KEYS})
+    return config, record
 
 
 # --------------------------------------------------------------------------- the loop
@@ -361,9 +416,19 @@ def _finite_or_raise(history: list[tuple[int, dict]], last_good: int | None, wor
 
 
 def _evaluate(steps: Steps, variables, val_source, config, mesh, rng) -> dict[str, float]:
+    """Mean validation metrics over the whole split (or train.eval_batches batches).
+
+    The cubes come in one fixed, seeded permutation, so every batch mixes classes and
+    patients (with bn="reference" a batch's composition changes its loss), and each cube
+    gets the same transform draw at every evaluation (`rng` and its position are fixed). The
+    originals draw fresh transforms over a reshuffled validation set each epoch; fixed draws
+    make the validation loss a deterministic function of the weights, so the best checkpoint
+    and early stopping follow the weights, not the draw.
+    """
     t = config.train
     local = parallel.local_batch_size(t.batch_size)
-    ds = loader.eval_dataset(val_source, batch_size=local, num_threads=config.data.num_threads)
+    ds = loader.eval_dataset(val_source, batch_size=local, num_threads=config.data.num_threads,
+                             shuffle_seed=t.seed)
     sharding = parallel.batch_sharding(mesh)
     totals = None
     for i, batch in enumerate(ds):
@@ -399,6 +464,7 @@ class Summary:
     best_step: int | None
     checkpoint_dir: Path
     variables: Any = None  # the final {"params", "batch_stats"} (sharded jax arrays)
+    schedule: dict[str, Any] | None = None  # pretraining: the schedule in steps (`schedule_in_steps`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,8 +601,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Pretrain per `config` in `workdir`, resuming from the latest checkpoint there."""
     workdir = Path(workdir)
     validate_config(config)
-    t = config.train
     train_src, val_src, num_classes = open_sources(config, workdir)
+    config, schedule = schedule_in_steps(config, len(train_src))
+    t = config.train
     if t.objective == "transvw" and config.model.num_classes != num_classes:
         raise ConfigError(
             f"model.num_classes={config.model.num_classes} but the data has {num_classes} "
@@ -568,11 +635,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         metric_names=tuple(k for k in METRICS if t.objective == "transvw" or k not in ("cls", "acc")),
         write_samples=write_samples,
     )
-    return fit(task, t, config.data, workdir)
+    summary = fit(task, t, config.data, workdir)
+    summary.schedule = schedule
+    return summary
 
 
 def _first_val_batch(val_src, local: int, config) -> dict[str, np.ndarray]:
-    return next(iter(loader.eval_dataset(val_src, batch_size=local, num_threads=config.data.num_threads)))
+    return next(iter(loader.eval_dataset(val_src, batch_size=local, num_threads=config.data.num_threads,
+                                         shuffle_seed=config.train.seed)))
 
 
 def _write_samples(

@@ -1,4 +1,4 @@
-"""On-device restoration transforms of TransVW and Models Genesis (REFERENCE.md section 3).
+"""On-device restoration transforms of TransVW and Models Genesis (docs/REFERENCE.md section 3).
 
 Every function works on ONE cube `x` of shape (X, Y, Z) with values in [0, 1], takes its
 own PRNG key, has static shapes (masks and gathers, never data-dependent slicing), and

@@ -7,8 +7,9 @@ Layouts read:
 - plain folders: `images/` and `labels/` holding files of the same names.
 - classification candidates: a CSV with a header `volume,x,y,z,label` (voxel coordinates
   of the cube centre, as in the nodule false-positive-reduction task), indexing the volume
-  as `volumes.load_volume` returns it, i.e. reoriented to RAS+ (LUNA16's candidates.csv is
-  in world millimetres and needs converting first).
+  as `volumes.load_volume` returns it in finetune.orientation: reoriented to RAS+ ("ras") or
+  the stored voxel order ("reference"); LUNA16's candidates.csv is in world millimetres and
+  needs converting first.
 
 Every problem gets one line naming the file: an image without a label, image and label of
 different shapes or affines, non-integer label values, a label value outside dataset.json's
@@ -83,10 +84,15 @@ def read_folders(images: str | os.PathLike, labels: str | os.PathLike, num_class
     return LabeledSet(cases, num_classes, {i: str(i) for i in range(num_classes)})
 
 
-def load_case(case: Case, num_classes: int, normalization: str = "ct") -> tuple[np.ndarray, np.ndarray]:
-    """(image float32 in [0, 1], label int32) of one case, checked against each other."""
-    image = volumes.load_volume(case.image, normalization=normalization)
-    label = volumes.read_raw(case.label)
+def load_case(case: Case, num_classes: int, normalization: str = "ct",
+              orientation: str = "ras") -> tuple[np.ndarray, np.ndarray]:
+    """(image float32 in [0, 1], label int32) of one case, checked against each other.
+
+    Image and label are read in the same `orientation` (volumes.ORIENTATIONS), so their
+    voxels pair up whichever it is.
+    """
+    image = volumes.load_volume(case.image, normalization=normalization, orientation=orientation)
+    label = volumes.read_raw(case.label, orientation)
     if image.array.shape != label.array.shape:
         raise DataError(f"{case.label}: label shape {label.array.shape} differs from the image's "
                         f"{image.array.shape} ({case.image.name})")

@@ -19,8 +19,11 @@ depend on the sharding, a restart with another process count or another global b
 resumes exactly at cube K (`TrainIterator.seek`); the iterator then rebuilds its Grain
 prefetching pipeline from K, so parallel reads and read-ahead never see a stale position.
 
-Validation: no shuffle, one pass; the last batch is padded to the full batch size and a
-boolean `mask` says which rows are real, so the eval step compiles once.
+Validation: one pass; the last batch is padded to the full batch size and a boolean `mask`
+says which rows are real, so the eval step compiles once. With `shuffle_seed` the pass
+follows one fixed permutation of the cubes (the same at every evaluation): stores list their
+cubes by class and patient, and in store order a batch would hold one class or one patient,
+which changes the loss of a network that normalises with batch statistics (`bn="reference"`).
 
 Batches are dicts of numpy arrays: `cube` (B, X, Y, Z) in the source's dtype (uint16 from a
 store; decode on the device with `store.decode_cubes`), `label` (B,) int32, and in
@@ -224,12 +227,14 @@ def train_dataset(source: Any, *, batch_size: int, seed: int, num_epochs: int | 
 class _PaddedShard:
     """This process's validation share, padded so that every process has the same length.
 
-    Element j is source cube `index + j * count`; past the end it repeats cube 0 with
-    `mask` False. Equal lengths keep multi-process eval steps in lockstep.
+    Element j is cube `order[index + j * count]` (`order`: None = the source's order, or a
+    permutation of it); past the end it repeats that order's first cube with `mask` False.
+    Equal lengths keep multi-process eval steps in lockstep.
     """
 
-    def __init__(self, source: Any, index: int, count: int, batch_size: int):
-        self._source, self._index, self._count = source, index, count
+    def __init__(self, source: Any, index: int, count: int, batch_size: int,
+                 order: np.ndarray | None = None):
+        self._source, self._index, self._count, self._order = source, index, count, order
         per_process = -(-len(source) // count)
         self._len = -(-per_process // batch_size) * batch_size
 
@@ -239,23 +244,29 @@ class _PaddedShard:
     def __getitem__(self, j: int) -> dict[str, np.ndarray]:
         i = self._index + j * self._count
         real = i < len(self._source)
-        element = dict(self._source[i if real else 0])
+        i = i if real else 0
+        element = dict(self._source[int(self._order[i]) if self._order is not None else i])
         element["mask"] = np.bool_(real)
         return element
 
 
 def eval_dataset(source: Any, *, batch_size: int, process_index: int | None = None,
                  process_count: int | None = None, num_threads: int = DEFAULT_THREADS,
-                 prefetch: int = DEFAULT_PREFETCH) -> grain.IterDataset:
-    """One ordered pass over this process's share, in full batches with a `mask` of real rows.
+                 prefetch: int = DEFAULT_PREFETCH, shuffle_seed: int | None = None) -> grain.IterDataset:
+    """One pass over this process's share, in full batches with a `mask` of real rows.
 
     Every process gets the same number of batches, however the cubes divide.
+
+    shuffle_seed: None keeps the source's order; an int visits the cubes in one fixed
+    permutation drawn from it (the same for every pass and every process), so that each
+    batch mixes classes and patients while the pass stays repeatable.
     """
     index, count = _process_shard(process_index, process_count)
     if len(source) == 0:
         raise ValueError("no validation cubes")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ds = grain.MapDataset.source(_PaddedShard(source, index, count, batch_size))
+    order = None if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(source))
+    ds = grain.MapDataset.source(_PaddedShard(source, index, count, batch_size, order))
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))

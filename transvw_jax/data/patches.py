@@ -49,9 +49,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def cache_cases(
-    cases: Sequence[labeled.Case], num_classes: int, directory: str | os.PathLike, normalization: str = "ct"
+    cases: Sequence[labeled.Case],
+    num_classes: int,
+    directory: str | os.PathLike,
+    normalization: str = "ct",
+    orientation: str = "ras",
 ) -> list[CachedCase]:
-    """Decode, check and cache `cases` (see the module docstring); reuse valid entries."""
+    """Decode, check and cache `cases` (see the module docstring); reuse valid entries.
+
+    The entry records `normalization` and `orientation` too: changing either rebuilds it.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = []
@@ -67,11 +74,12 @@ def cache_cases(
         meta = {
             "source": _stamp(case.image, case.label),
             "normalization": normalization,
+            "orientation": orientation,
             "num_classes": num_classes,
         }
         fresh = meta_path.is_file() and all(p.is_file() for p in (entry.image, entry.label, entry.foreground))
         if not (fresh and json.loads(meta_path.read_text()) == meta):
-            image, label = labeled.load_case(case, num_classes, normalization)
+            image, label = labeled.load_case(case, num_classes, normalization, orientation)
             fg = np.argwhere(label > 0).astype(np.int32)
             if len(fg) > MAX_FOREGROUND_SAMPLES:
                 keep = np.random.default_rng(0).choice(len(fg), MAX_FOREGROUND_SAMPLES, replace=False)
@@ -150,10 +158,11 @@ class CandidateSource:
     """Cubes centred on classification candidates: {"cube": uint16, "label": int32}.
 
     The cubes are cut once (one volume load per volume) into `<cache>/<hash>.cubes.npy`, the
-    hash covering the candidate list, cube size, normalisation and the volumes' sizes and
-    modification times. Centres index the array as `volumes.load_volume` returns it
-    (reoriented to RAS+), not the file's own voxel order: for LPS files (.mhd, many DICOM
-    conversions) convert world or file-voxel coordinates first.
+    hash covering the candidate list, cube size, normalisation, orientation and the volumes'
+    sizes and modification times. Centres index the array as `volumes.load_volume` returns it
+    in `orientation`: with "ras" (reoriented to RAS+) not the file's own voxel order, so for
+    LPS files (.mhd, many DICOM conversions) convert world or file-voxel coordinates first;
+    with "reference" the stored voxel order, transposed to (X, Y, Z).
     """
 
     def __init__(
@@ -162,6 +171,7 @@ class CandidateSource:
         patch: Sequence[int],
         directory: str | os.PathLike,
         normalization: str = "ct",
+        orientation: str = "ras",
     ):
         if not candidates:
             raise DataError("no classification candidates")
@@ -173,16 +183,18 @@ class CandidateSource:
             raise DataError(f"{missing[0]}: no such volume (named by a classification candidate)")
         key = json.dumps(
             [[str(c.volume), list(c.centre), c.label] for c in candidates]
-            + [list(self.patch), normalization, _stamp(*volumes_seen)]
+            + [list(self.patch), normalization, orientation, _stamp(*volumes_seen)]
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         path = Path(directory) / f"candidates_{digest}.cubes.npy"
         if not path.is_file():
             Path(directory).mkdir(parents=True, exist_ok=True)
-            _save_npy(path, self._cut(candidates, normalization))
+            _save_npy(path, self._cut(candidates, normalization, orientation))
         self.cubes = np.load(path, mmap_mode="r")
 
-    def _cut(self, candidates: Sequence[labeled.Candidate], normalization: str) -> np.ndarray:
+    def _cut(
+        self, candidates: Sequence[labeled.Candidate], normalization: str, orientation: str
+    ) -> np.ndarray:
         cubes = np.empty((len(candidates),) + self.patch, np.uint16)
         by_volume: dict[Path, list[int]] = {}
         for i, c in enumerate(candidates):
@@ -190,7 +202,7 @@ class CandidateSource:
         progress = Progress("cut candidates", len(candidates), "cubes")
         size = np.array(self.patch)
         for volume, indices in by_volume.items():
-            image = volumes.load_volume(volume, normalization=normalization).array
+            image = volumes.load_volume(volume, normalization=normalization, orientation=orientation).array
             for i in indices:
                 centre = np.array(candidates[i].centre)
                 if np.any(centre < 0) or np.any(centre >= image.shape):

@@ -323,10 +323,15 @@ class ReleasedSource:
       resolutions: which r to include (1 = the 64x64x32 crop, 2 and 3 the resized ones);
         validation files exist for r = 1 only.
       folds: which k to include; None = every fold found.
+      classes: keep only the cubes whose label is below this; None = all. The original
+        TransVW train.py pretrains on the first 44 classes of the released data (its fold 1
+        holds 50): it keeps the first 44 x instances rows of the last fold it reads, which
+        are the cubes of classes 0-43 (the files list their cubes class by class).
     """
 
     def __init__(self, directory: str | os.PathLike, *, split: str = "train",
-                 resolutions: Iterable[int] = (1, 2, 3), folds: Iterable[int] | None = None):
+                 resolutions: Iterable[int] = (1, 2, 3), folds: Iterable[int] | None = None,
+                 classes: int | None = None):
         directory = Path(directory)
         if not directory.is_dir():
             raise DataError(f"{directory}: no such directory")
@@ -348,9 +353,12 @@ class ReleasedSource:
         if not wanted:
             raise DataError(f"{directory}: no {prefix}_data{{r}}_vwGen_ex_ref_fold{{k}}.0.npy files for "
                             f"resolutions {list(resolutions)}")
+        if classes is not None and classes < 1:
+            raise ValueError(f"classes must be >= 1 or None, got {classes}")
         self.files: list[tuple[Path, Path]] = []
         self._data: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self._rows: list[np.ndarray | None] = []  # per file: the kept rows (None = all)
         for key in wanted:
             data_path = found[key]
             label_path = data_path.with_name(data_path.name.replace("_data", "_label", 1))
@@ -367,8 +375,13 @@ class ReleasedSource:
                                 f"{self._data[0].shape[1:]}")
             self.files.append((data_path, label_path))
             self._data.append(data)
-            self._labels.append(np.asarray(labels).reshape(-1).astype(np.int32))
-        self._offsets = np.cumsum([0] + [len(d) for d in self._data])
+            file_labels = np.asarray(labels).reshape(-1).astype(np.int32)
+            rows = None if classes is None else np.flatnonzero(file_labels < classes)
+            self._rows.append(rows)
+            self._labels.append(file_labels if rows is None else file_labels[rows])
+        self._offsets = np.cumsum([0] + [len(x) for x in self._labels])
+        if classes is not None and self._offsets[-1] == 0:
+            raise DataError(f"{directory}: no {prefix} cube has a label below classes={classes}")
         self.cube_shape = tuple(self._data[0].shape[1:])
         self.labels = np.concatenate(self._labels)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
@@ -381,7 +394,9 @@ class ReleasedSource:
             raise IndexError(f"cube {index} out of range for {len(self)} cubes")
         f = int(np.searchsorted(self._offsets, index, side="right")) - 1
         i = index - int(self._offsets[f])
-        return {"cube": np.asarray(self._data[f][i], np.float32), "label": self._labels[f][i]}
+        rows = self._rows[f]
+        row = i if rows is None else int(rows[i])
+        return {"cube": np.asarray(self._data[f][row], np.float32), "label": self._labels[f][i]}
 
     def __repr__(self) -> str:
         return f"ReleasedSource({len(self.files)} files, {len(self)} cubes of {self.cube_shape})"

@@ -3,7 +3,17 @@
 Axis conventions. Every array this module returns has axes (X, Y, Z): the first two index
 the axial plane and the third the slice (cranio-caudal) direction, which is also how the
 cubes, transforms and models of this package index their data. `spacing` is in mm per voxel
-along the same three axes. Per format:
+along the same three axes. Two orientations (`ORIENTATIONS`, the `orientation` argument):
+
+* "ras" (the default): reoriented to the closest RAS+, as below, so two files of one patient
+  stored in different orientations give the same array.
+* "reference": the array as stored, only transposed to (X, Y, Z), never flipped: what the
+  original TransVW / Models Genesis code does (SimpleITK, then `transpose(2, 1, 0)`), so
+  cubes match the orientation their released weights were trained on. For a LUNA16 .mhd
+  (LPS, identity direction) "ras" mirrors X and Y relative to it. `affine` still maps the
+  returned voxels to RAS world millimetres.
+
+Per format, in "ras":
 
 * NIfTI (.nii, .nii.gz): reoriented with `nib.as_closest_canonical`, so the voxel axes run
   (as closely as the affine allows) towards Right, Anterior, Superior (RAS+). Two files of
@@ -40,6 +50,7 @@ _log = logging.getLogger(__name__)
 
 SUFFIXES = (".nii.gz", ".nii", ".npy", ".mhd")
 NORMALIZATIONS = ("ct", "percentile", "none")
+ORIENTATIONS = ("ras", "reference")  # see the module docstring
 
 # LPS (ITK, DICOM) -> RAS (NIfTI) world coordinates: negate x and y.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -53,7 +64,7 @@ class Volume:
       path: the file it was read from (for error messages and logs).
       array: float32, axes (X, Y, Z).
       spacing: mm per voxel along X, Y, Z (what `resample` reads and changes).
-      affine: 4x4 voxel -> world (RAS, mm) matrix of `array` (after reorientation and any
+      affine: 4x4 voxel -> world (RAS, mm) matrix of `array` (after any reorientation and
         resampling); None where the file has no geometry (.npy).
     """
 
@@ -119,7 +130,7 @@ def _reorient_to_ras(array: np.ndarray, affine: np.ndarray,
 
 
 def _mhd_volume(path: Path, array_zyx: np.ndarray, dimension: int, spacing: Sequence[float],
-                origin: Sequence[float], direction: Sequence[float]) -> Volume:
+                origin: Sequence[float], direction: Sequence[float], orientation: str = "ras") -> Volume:
     """A Volume from what SimpleITK reads (kept free of SimpleITK so that it can be tested).
 
     Args:
@@ -127,6 +138,8 @@ def _mhd_volume(path: Path, array_zyx: np.ndarray, dimension: int, spacing: Sequ
         3D), then any pixel-component axis.
       dimension, spacing, origin, direction: `GetDimension()`, `GetSpacing()`, `GetOrigin()`,
         `GetDirection()` (row-major `dimension` x `dimension`), all in ITK's (x, y, z) order.
+      orientation: "ras" reorients to the closest RAS+; "reference" keeps ITK's (x, y, z)
+        voxel order, as the original code's `transpose(2, 1, 0)` does.
     """
     if dimension < 3:  # checked first: (X, Y, components) would pass for 3D below
         raise DataError(f"{path}: not a 3D volume ({dimension}D image, shape {array_zyx.shape})")
@@ -137,7 +150,10 @@ def _mhd_volume(path: Path, array_zyx: np.ndarray, dimension: int, spacing: Sequ
     lps = np.eye(4)
     lps[:3, :3] = d * np.asarray(spacing[:3], np.float64)  # column i: step of voxel axis i
     lps[:3, 3] = np.asarray(origin[:3], np.float64)
-    array, affine, spacing3 = _reorient_to_ras(array, _LPS_TO_RAS @ lps, spacing[:3])
+    affine = _LPS_TO_RAS @ lps
+    spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+    if orientation == "ras":
+        array, affine, spacing3 = _reorient_to_ras(array, affine, spacing3)
     return Volume(path, _float32(path, array), spacing3, affine)
 
 
@@ -150,7 +166,7 @@ def _float32(path: Path, array: np.ndarray, copy: bool = False) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _read_nifti(path: Path) -> Volume:
+def _read_nifti(path: Path, orientation: str) -> Volume:
     import nibabel as nib
 
     try:
@@ -160,7 +176,8 @@ def _read_nifti(path: Path) -> Volume:
         raise DataError(f"{path}: unreadable ({_short(e)})") from e
     _as_3d(path, header_shape)  # before reorienting, which fails on 2D data with a worse message
     try:
-        canonical = nib.as_closest_canonical(image)
+        # NIfTI stores (i, j, k) = (X, Y, Z) already: "reference" needs no transpose.
+        canonical = nib.as_closest_canonical(image) if orientation == "ras" else image
         array = canonical.get_fdata(dtype=np.float32, caching="unchanged")
         zooms = canonical.header.get_zooms()[:3]
         affine = np.array(canonical.affine, np.float64)
@@ -203,7 +220,7 @@ def _itk_reason(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _read_mhd(path: Path) -> Volume:
+def _read_mhd(path: Path, orientation: str) -> Volume:
     try:
         import SimpleITK as sitk
     except ImportError as e:
@@ -215,15 +232,17 @@ def _read_mhd(path: Path) -> Volume:
         geometry = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
     except Exception as e:  # SimpleITK raises RuntimeError with a multi-line ITK message
         raise DataError(f"{path}: unreadable ({_itk_reason(e)})") from e
-    return _mhd_volume(path, array, dimension, *geometry)
+    return _mhd_volume(path, array, dimension, *geometry, orientation=orientation)
 
 
-def read_raw(path: str | os.PathLike) -> Volume:
+def read_raw(path: str | os.PathLike, orientation: str = "ras") -> Volume:
     """Read a volume with its intensities as stored (HU for CT), as float32 (X, Y, Z).
 
-    The orientation and spacing conventions per format are in the module docstring. A file
-    that cannot be read, is not 3D or has an unknown suffix raises DataError naming it.
+    The orientation ("ras" or "reference") and spacing conventions per format are in the
+    module docstring. A file that cannot be read, is not 3D or has an unknown suffix raises
+    DataError naming it; an unknown `orientation` raises ValueError (a caller's bug).
     """
+    _check_orientation(orientation)
     path = Path(path)
     suffix = volume_suffix(path)
     if suffix is None:
@@ -231,10 +250,10 @@ def read_raw(path: str | os.PathLike) -> Volume:
     if not path.is_file():
         raise DataError(f"{path}: unreadable (no such file)")
     if suffix in (".nii", ".nii.gz"):
-        return _read_nifti(path)
+        return _read_nifti(path, orientation)
     if suffix == ".npy":
         return _read_npy(path)
-    return _read_mhd(path)
+    return _read_mhd(path, orientation)
 
 
 def normalize_ct(a: np.ndarray, hu_min: float = -1000.0, hu_max: float = 1000.0) -> np.ndarray:
@@ -284,6 +303,11 @@ def _check_normalization(normalization: str) -> None:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
 
 
+def _check_orientation(orientation: str) -> None:
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+
+
 def _spacing3(spacing: Sequence[float], what: str) -> tuple[float, float, float]:
     values = tuple(float(s) for s in spacing)
     if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
@@ -325,23 +349,25 @@ def resample(volume: Volume, spacing: tuple[float, float, float], order: int = 1
 
 def load_volume(path: str | os.PathLike, *, normalization: str = "ct",
                 spacing: tuple[float, float, float] | None = None,
-                min_shape: Sequence[int] | None = None) -> Volume:
+                min_shape: Sequence[int] | None = None, orientation: str = "ras") -> Volume:
     """Read, check, optionally resample and normalise one volume for training.
 
-    Steps: `read_raw`; reject NaN/Inf (they would poison every cube and loss they touch);
+    Steps: `read_raw` in `orientation`; reject NaN/Inf (they would poison every cube and loss they touch);
     `resample` to `spacing` if given; reject a volume smaller than `min_shape` on any axis
     (no cube of that size can be cropped from it); normalise with `normalization` ("ct": HU
     window to [0, 1], "percentile": MRI, "none": as stored).
 
     Raises:
       DataError: the file is unreadable or unusable (the message starts with its path).
-      ValueError: `normalization`, `spacing` or `min_shape` is invalid (a caller's bug).
+      ValueError: `normalization`, `spacing`, `min_shape` or `orientation` is invalid (a
+        caller's bug).
     """
     _check_normalization(normalization)
+    _check_orientation(orientation)
     if spacing is not None:
         spacing = _spacing3(spacing, "load_volume")
     cube = None if min_shape is None else _min_shape3(min_shape)
-    volume = read_raw(path)
+    volume = read_raw(path, orientation)
     # A float64 sum is finite iff every voxel is (no CT/MRI sum reaches 1e308), without
     # allocating a boolean mask the size of the volume.
     if not np.isfinite(volume.array.sum(dtype=np.float64)):
@@ -377,7 +403,7 @@ def list_volume_files(directory: str | os.PathLike) -> list[Path]:
 
 def scan_volumes(directory: str | os.PathLike, *, min_shape: Sequence[int] | None = None,
                  normalization: str = "ct", spacing: tuple[float, float, float] | None = None,
-                 log: bool = True) -> ScanResult:
+                 log: bool = True, orientation: str = "ras") -> ScanResult:
     """Check which volumes of `directory` are usable, loading one at a time.
 
     Each file goes through `load_volume` with the same arguments training will use, so a
@@ -387,9 +413,10 @@ def scan_volumes(directory: str | os.PathLike, *, min_shape: Sequence[int] | Non
 
     Raises:
       DataError: `directory` does not exist, holds no volume files, or none of them is usable.
-      ValueError: invalid `normalization`, `spacing` or `min_shape`.
+      ValueError: invalid `normalization`, `spacing`, `min_shape` or `orientation`.
     """
     _check_normalization(normalization)
+    _check_orientation(orientation)
     if spacing is not None:
         spacing = _spacing3(spacing, "scan_volumes")
     if min_shape is not None:
@@ -402,7 +429,8 @@ def scan_volumes(directory: str | os.PathLike, *, min_shape: Sequence[int] | Non
     skipped: list[tuple[Path, str]] = []
     for path in files:
         try:
-            load_volume(path, normalization=normalization, spacing=spacing, min_shape=min_shape)
+            load_volume(path, normalization=normalization, spacing=spacing, min_shape=min_shape,
+                        orientation=orientation)
         except DataError as e:
             reason = str(e).removeprefix(f"{path}: ")
             skipped.append((path, reason))
