@@ -114,28 +114,19 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"transforms.elastic.impl: {impl!r} is not one of {', '.join(ELASTIC_IMPLS)}")
 
 
-def _check_native_runs() -> None:
-    if jax.default_backend() != "cpu":
-        raise ValueError(f"transforms.elastic.impl: 'native' runs on the CPU backend, "
-                         f"not {jax.default_backend()}")
-    if reason := native.elastic_unavailable_reason():
-        raise ValueError(f"transforms.elastic.impl: 'native' cannot run here: {reason}")
-
-
 def resolve_impl(impl: str, shape, sigma: float = 8.0) -> str:
     """"xla" or "native" for a cube shape; raises ValueError naming transforms.elastic.impl
     when "native" is asked for and cannot run here (see `check_impl`) or on this shape."""
+    from transvw_jax import resolve  # the one decision, also the command's
+    from transvw_jax.errors import ConfigError
+
     check_impl(impl)
-    if impl == "native":
-        _check_native_runs()
-    if impl == "auto":
-        # Several devices: XLA cannot split a custom call along a sharded batch axis.
-        usable = jax.default_backend() == "cpu" and jax.device_count() == 1 and native_fits(shape, sigma)
-        return "native" if usable and native.elastic_unavailable_reason() is None else "xla"
-    if impl == "native" and not native_fits(shape, sigma):
-        raise ValueError(f"transforms.elastic.impl: 'native' handles smoothing ranks <= {NATIVE_MAX_RANK}; "
-                         f"cube {tuple(shape)} with sigma {sigma} needs more (use 'xla')")
-    return impl
+    if impl == "xla":  # the command's resolved choice on accelerators: nothing to probe
+        return impl
+    try:
+        return resolve.choose_elastic_impl(impl, resolve.Platform.current(), tuple(shape), sigma)[0]
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 def _elastic_native(key: jax.Array, x: jax.Array, alpha: float, sigma: float) -> jax.Array:

@@ -44,20 +44,31 @@ class Platform:
     native_elastic: str | None = None
 
     @classmethod
-    def of_mesh(cls, mesh: jax.sharding.Mesh) -> Platform:
-        """Describe `mesh`; on the CPU backend this builds the native kernels (first use
-        compiles them with g++, a few seconds, cached)."""
-        devices = list(mesh.devices.flat)
-        backend = devices[0].platform
+    def describe(cls, backend: str, devices: int) -> Platform:
+        """`devices` of `backend`; on the CPU backend this builds the native kernels (first
+        use compiles them with g++, a few seconds, cached)."""
         backend = "gpu" if backend in ("cuda", "rocm") else backend
         onednn = elastic = "not the CPU backend"
         if backend == "cpu":
             onednn, elastic = native.unavailable_reason(), native.elastic_unavailable_reason()
-        return cls(backend=backend, devices=len(devices), processes=jax.process_count(), onednn=onednn,
+        return cls(backend=backend, devices=devices, processes=jax.process_count(), onednn=onednn,
                    native_elastic=elastic)
 
+    @classmethod
+    def of_mesh(cls, mesh: jax.sharding.Mesh) -> Platform:
+        """The devices of the mesh that runs the step."""
+        devices = list(mesh.devices.flat)
+        return cls.describe(devices[0].platform, len(devices))
 
-def _conv_impl(value: str, p: Platform) -> tuple[str, str]:
+    @classmethod
+    def current(cls, backend: str | None = None) -> Platform:
+        """Every device of the default backend: what a library caller that passes "auto"
+        outside the command gets; `backend` overrides its name."""
+        return cls.describe(backend or jax.default_backend(), jax.device_count())
+
+
+def choose_conv_impl(value: str, p: Platform) -> tuple[str, str]:
+    """(model.conv_impl for `p`, why); ConfigError when an explicit choice cannot run."""
     if value == "onednn" and p.onednn:
         raise ConfigError(f"model.conv_impl: 'onednn' cannot run here: {p.onednn}")
     if value != AUTO_CONV:
@@ -72,7 +83,10 @@ def _conv_impl(value: str, p: Platform) -> tuple[str, str]:
     return "onednn", "one CPU device with oneDNN"
 
 
-def _elastic_impl(value: str, p: Platform, cube_shape: tuple[int, ...], sigma: float) -> tuple[str, str]:
+def choose_elastic_impl(value: str, p: Platform, cube_shape: tuple[int, ...],
+                        sigma: float) -> tuple[str, str]:
+    """(transforms.elastic.impl for `p` and the cube, why); ConfigError when an explicit
+    choice cannot run."""
     from transvw_jax import elastic
 
     if value == "native":
@@ -138,9 +152,10 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
 
 
 CHOICES = (
-    _Choice("model.conv_impl", lambda v: v == AUTO_CONV, lambda v, p, c: _conv_impl(v, p)),
+    _Choice("model.conv_impl", lambda v: v == AUTO_CONV, lambda v, p, c: choose_conv_impl(v, p)),
     _Choice("transforms.elastic.impl", lambda v: v == "auto",
-            lambda v, p, c: _elastic_impl(v, p, tuple(c.data.cube_shape), float(c.transforms.elastic.sigma))),
+            lambda v, p, c: choose_elastic_impl(v, p, tuple(c.data.cube_shape),
+                                                float(c.transforms.elastic.sigma))),
     _Choice("transforms.batch_chunk", lambda v: v == -1,
             lambda v, p, c: _batch_chunk(v, p, c.transforms.get("policy", "transvw"))),
 )

@@ -174,11 +174,9 @@ def default_conv_impl(backend: str | None = None) -> str:
     and there is one device: XLA does not know how to split a custom call along a
     sharded batch, so with several (simulated) CPU devices "matmul", XLA's own fast path,
     keeps the batch sharded. Without oneDNN, "matmul" too."""
-    if (backend or jax.default_backend()) != "cpu":
-        return "xla3d"
-    if jax.device_count() == 1 and native.unavailable_reason() is None:
-        return "onednn"
-    return "matmul"
+    from transvw_jax import resolve  # the one decision, also the command's
+
+    return resolve.choose_conv_impl("auto", resolve.Platform.current(backend))[0]
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Array:
