@@ -1,7 +1,8 @@
 """TransVW pretraining on a TPU pod slice (or any multi-host job): configs/luna16_transvw.py
 scaled out.
 
-Launch the same command on every worker (launch/tpu_pod.sh does it):
+Launch the same command on every worker (`launch/tpu_pod.sh setup`, once, then
+`launch/tpu_pod.sh run` do it, with a Python 3.11 venv and per-worker logs):
   python -m transvw_jax.main --config configs/tpu_pod.py --workdir /mnt/disks/shared/runs/pod
 jax.distributed is joined from the environment (parallel.distributed = "auto" detects TPU
 pods and SLURM), so no process count or coordinator address is needed.
@@ -16,6 +17,17 @@ Shared storage: every worker reads the store and writes checkpoints into the wor
 both must be on storage mounted at the same path on every worker (a Filestore/NFS mount,
 a persistent disk attached read-only to every worker for the store, gcsfuse). gs:// URLs
 are NOT supported: the store and the workdir are read and written as local paths.
+
+Large-batch recipe (a recipe to VALIDATE, not the paper's): the reference trains with Adam
+at 1e-3 on batches of 64. At 1024 (16x) an epoch holds 16x fewer updates, so the same
+learning rate would make far less progress per epoch. This config scales the peak learning
+rate with the square root of the batch ratio (train.lr_scaling = "sqrt": 1e-3 x sqrt(1024 /
+64) = 4e-3, the usual rule for Adam) and ramps up to it linearly over the first
+WARMUP_EPOCHS epochs; the step decay, patience and epoch limit stay the reference's, in
+epochs. Nothing in the papers was trained this way: before relying on it, compare its
+validation loss per epoch with a batch-64 run of configs/luna16_transvw.py on the same
+store (pretrain_summary.json and the metrics), and fall back to lr_scaling="none" (the
+reference learning rate) or "linear" with a longer warm-up if it is worse.
 """
 
 from pathlib import Path
@@ -23,6 +35,11 @@ from pathlib import Path
 import ml_collections
 
 from transvw_jax.fileio import load_module
+
+WARMUP_EPOCHS = 5  # linear warm-up to the scaled learning rate (125 steps of 1024 on a full store)
+# One evaluation and checkpoint every 4 epochs: at 25 steps per epoch, one per epoch would
+# stop the pod every 25 steps (an evaluation pass and a checkpoint write each time).
+EVAL_EPOCHS = 4
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,7 +73,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The base config's schedule is in epochs (train.schedule_unit = "epochs"), converted to
     # steps of the store at this batch when training starts (a full 26,400-cube store:
     # 26,400 // 1024 = 25 steps per epoch), for "released" as well.
-    # Same learning rate as at batch 64; a short linear warmup (2 epochs, in the schedule's
-    # unit) steadies the first large-batch Adam steps (0 = the reference).
-    t.warmup_steps = 2
+    # The large-batch recipe (module docstring; to validate, not the paper's): peak learning
+    # rate 1e-3 x sqrt(1024 / 64) = 4e-3, reached by a linear warm-up over WARMUP_EPOCHS
+    # epochs (warmup_steps is in the schedule's unit, epochs), which steadies the first
+    # large-batch Adam steps. lr_scaling scales from reference_batch_size, so a batch
+    # override rescales the learning rate by itself.
+    t.lr_scaling = "sqrt"
+    t.reference_batch_size = 64
+    t.warmup_steps = WARMUP_EPOCHS
+    # Evaluate and checkpoint every EVAL_EPOCHS epochs (sample_every stays 10 epochs).
+    # patience stays 50 EPOCHS: with schedule_unit = "epochs" it is converted to the
+    # evaluations those epochs hold (ceil(50 / 4) = 13), so early stopping waits as long as
+    # the reference's. decay_every (40 epochs) stays a multiple of the cadence.
+    t.eval_every = t.checkpoint_every = EVAL_EPOCHS
     return config

@@ -13,7 +13,8 @@
 # output is interleaved, each line prefixed with "[p<id>]". Nothing here stops the other
 # processes when one fails: as on a pod, each process notices a lost peer itself
 # (config.parallel.heartbeat_timeout_s) and stops with a line naming it. Ctrl-C (or a
-# SIGTERM to this script) is passed on to every process.
+# SIGTERM to this script) is passed on to every process as SIGTERM: they save a
+# checkpoint and stop (exit 143), and this script waits for them.
 # Exit status: 0 when every process succeeded, else the first non-zero status by process id.
 # PYTHON (default python3) selects the interpreter; the process ids and PIDs are printed
 # to stderr as "local.sh: process <id> pid <pid>".
@@ -29,11 +30,12 @@ PYTHON="${PYTHON:-python3}"
 PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 pids=()
+# Ctrl-C or SIGTERM: pass SIGTERM on and keep waiting. Each process then saves a checkpoint
+# at a step all of them agree on and exits 143 ("preempted: ..."), as on a preempted pod.
 stop_all() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
+trap stop_all INT TERM
 
 for ((i = 0; i < N; i++)); do
   # exec: the process id printed is python's own, so a signal to it reaches the process.
@@ -49,8 +51,12 @@ done
 
 status=0
 for ((i = 0; i < N; i++)); do
-  rc=0
-  wait "${pids[$i]}" || rc=$?
+  while :; do
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    # A trapped signal ends `wait` early: wait again while the process is still there.
+    kill -0 "${pids[$i]}" 2>/dev/null || break
+  done
   if ((rc != 0 && status == 0)); then
     status=$rc
   fi

@@ -97,9 +97,10 @@ def test_tpu_pod():
     assert c.train.batch_size % 256 == 0  # global: divisible by the chip counts of slices up to 256
     assert c.data.store_dir.startswith("/") and "://" not in c.data.store_dir
     assert c.data.num_threads == 16
-    t = c.train  # in epochs, as the base config; 2 epochs of warmup
+    t = c.train  # in epochs, as the base config; sqrt-scaled learning rate, 5 epochs of warmup
     assert t.schedule_unit == "epochs"
-    assert (t.eval_every, t.decay_every, t.patience, t.warmup_steps) == (1, 40, 50, 2)
+    assert (t.eval_every, t.checkpoint_every, t.decay_every, t.patience, t.warmup_steps) == (4, 4, 40, 50, 5)
+    assert (t.lr_scaling, t.reference_batch_size) == ("sqrt", 64)
 
 
 def test_launch_scripts_parse():
@@ -127,11 +128,14 @@ def test_tpu_pod_script_runs_on_all_workers(tmp_path):
     proc = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--config.train.steps=5"],
                           capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    args = (tmp_path / "args").read_text().splitlines()
+    text = (tmp_path / "args").read_text()
+    args = text.splitlines()
     assert args[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in args
-    command = args[args.index("--command") + 1]
-    assert command == ("cd /srv/repo && python3 -m transvw_jax.main --config configs/tpu_pod.py "
-                       "--workdir /mnt/shared/run --config.train.steps=5")
+    command = text[text.index("\n--command\n") + len("\n--command\n"):].rstrip("\n")  # several lines
+    # Detached per-worker runs with logs and the venv's python: tests/test_launchers.py runs them.
+    assert command.startswith("REPO='/srv/repo' WORKDIR='/mnt/shared/run' ")
+    assert command.endswith(" tpu_pod '--config.train.steps=5'")
+    assert "setsid nohup" in command and "worker-$W.log" in command and "transvw_jax.main" in command
 
 
 def test_sbatch_uses_srun():

@@ -95,6 +95,8 @@ def test_the_tiny_demo_runs_end_to_end(tmp_path):
     assert "exporting the best checkpoint by validation loss" in proc.stderr
     assert (tmp_path / "export" / "transvw.safetensors").is_file()
     assert "summary:" in proc.stderr and "best validation (step" in proc.stderr
+    # The compiled programs are kept for the next run in this workdir.
+    assert len(list((tmp_path / "xla_cache").iterdir())) >= 2
     # discover alone reuses the volumes and the trained auto-encoder
     proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
                     "--config.stages=('discover',)")

@@ -181,3 +181,62 @@ def test_killed_processes_resume_bit_identically(reference, cache, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert re.search(r"\[p1\] .*resumed from .*/checkpoints/[4-8]", out), out[-3000:]
     _assert_same(_params_at(workdir, 8), _params_at(reference, 8))
+
+
+def test_sigterm_stops_both_processes_at_one_saved_step_and_the_restart_ends_identically(
+        reference, cache, tmp_path):
+    """A preemption (SIGTERM to the launcher, passed on to both processes): JAX's
+    preemption service picks one step, both save it and exit 143; the restart ends with
+    the uninterrupted run's weights."""
+    workdir = tmp_path / "preempted"
+    workdir.mkdir()
+    shutil.copytree(reference / "store", workdir / "store")
+    args = ["--config", "configs/demo.py:runlocal", "--workdir", str(workdir),
+            "--config.stages=('pretrain',)", *PRETRAIN]
+    log = tmp_path / "term.log"
+    proc = _launch(args, cache, log)
+    _wait_for_checkpoint(workdir, 2, proc, log)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = _finish(proc, log, timeout=300)
+    lines = [line for line in out.splitlines() if re.match(r"\[p\d\] preempted: ", line)]
+    if proc.returncode == 0:
+        pytest.skip("the run ended before the signal arrived")
+    assert proc.returncode == 143, out[-3000:]
+    assert len(lines) == 2, out[-3000:]
+    steps = {int(line.split("at step ")[1].split(" ")[0]) for line in lines}
+    assert len(steps) == 1, lines  # one step for both
+    stopped = steps.pop()
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == stopped
+
+    log = tmp_path / "after.log"
+    proc = _launch(args, cache, log)
+    out = _finish(proc, log)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"resumed from {workdir / 'checkpoints'}/{stopped}" in out
+    _assert_same(_params_at(workdir, 8), _params_at(reference, 8))
+
+
+def test_a_workdir_that_is_not_shared_stops_every_process_with_one_line(cache, tmp_path):
+    """Two processes given different directories (as with a per-host disk): both stop
+    before any work with the same line naming the directory."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-m", "transvw_jax.main", "--config", "configs/demo.py:runlocal",
+               "--workdir", str(tmp_path / f"host{i}"), "--config.stages=('pretrain',)",
+               "--config.parallel.distributed=explicit",
+               f"--config.parallel.coordinator_address=127.0.0.1:{port}",
+               "--config.parallel.num_processes=2", f"--config.parallel.process_id={i}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, err[-3000:]
+        assert f"--workdir {tmp_path / f'host{i}'} is not shared by all 2 processes: process 1" in errors[0]
+    assert not (tmp_path / "host1" / "checkpoints").exists()

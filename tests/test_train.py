@@ -189,12 +189,20 @@ def test_epoch_schedule_converts_to_steps_of_the_training_source():
         train.schedule_in_steps(config, 7)
 
 
-def test_epoch_schedule_reaches_the_training_loop(tiny_store, tmp_path, caplog):
-    """40 training cubes / batch 8 = 5 steps per epoch: 2 epochs = 10 steps, evaluated every epoch."""
+def test_epoch_schedule_reaches_the_training_loop(tiny_store, tmp_path, caplog, monkeypatch):
+    """40 training cubes / batch 8 = 5 steps per epoch: 2 epochs = 10 steps, evaluated every epoch.
+    One validation pipeline serves both evaluations and the samples."""
     config = tiny_config(tiny_store, schedule_unit="epochs", batch_size=8, steps=2, eval_every=1,
                          checkpoint_every=1, decay_every=1, patience=50, log_every=5)
+    config.train.sample_every = 2
+    built = []
+    eval_dataset = train.loader.eval_dataset
+    monkeypatch.setattr(train.loader, "eval_dataset",
+                        lambda *a, **k: built.append(1) or eval_dataset(*a, **k))
     with caplog.at_level("INFO"):
         summary = train.train_and_evaluate(config, tmp_path)
+    assert len(built) == 1
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step_0000010.png"]
     assert "epoch = 5 steps (40 training cubes / global batch 8)" in caplog.text
     assert summary.step == 10 and summary.schedule["steps"] == 10 and summary.schedule["decay_every"] == 5
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

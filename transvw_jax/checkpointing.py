@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from transvw_jax import multihost
 from transvw_jax.data.loader import TrainIterator
 from transvw_jax.errors import CheckpointError
 
@@ -177,7 +179,13 @@ class RunCheckpointer:
     same or another number of processes. Saves are asynchronous (training continues while
     the arrays are written); Orbax writes each step under a temporary name and renames it
     when complete, so a kill mid-save leaves the previous step as the latest.
-    `<workdir>/best/<step>/` keeps the variables of the best validation loss (one step).
+    `<workdir>/best/<step>/` keeps the variables of the best validation loss.
+
+    Best and latest stay consistent across a kill (see `open_best`): a new best is saved
+    only when every earlier latest save is complete, and a latest checkpoint of the same
+    step follows it (`fit` does both), so at most one best step can be newer than the
+    latest checkpoint; `best/` keeps two steps, so the best before it survives when a
+    resumed run removes it.
     """
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3):
@@ -191,13 +199,59 @@ class RunCheckpointer:
                 max_to_keep=keep, create=True,
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
 
+        self._options = options
+        self._best_dir = best_dir(workdir)
         self._latest = ocp.CheckpointManager(checkpoint_dir(workdir), options=options(keep, "latest"),
                                              item_handlers=handlers)
-        self._best = ocp.CheckpointManager(best_dir(workdir), options=options(1, "best"),
-                                           item_handlers={VARIABLES: ocp.StandardCheckpointHandler()})
+        self._best: ocp.CheckpointManager | None = None
 
     def latest_step(self) -> int | None:
-        return self._latest.latest_step()
+        """The step every process resumes from: process 0's latest complete checkpoint.
+
+        Each process reading its own view of the directory could resume from different steps
+        (per-host disks, a stale network file system) and then wait for each other forever:
+        process 0 decides, and all stop with the same line when one cannot see that step.
+        """
+        mine = self._latest.latest_step()
+        agreed = multihost.from_process_zero("resume-step", str(-1 if mine is None else mine))
+        step = None if int(agreed) < 0 else int(agreed)
+        visible = step is None or step in self._latest.all_steps(read=True)
+        views = multihost.gather("resume-visible", "1" if visible else f"0 {mine}")
+        blind = [(i, v.split(" ", 1)[1]) for i, v in enumerate(views) if not v.startswith("1")]
+        if blind:
+            who = ", ".join(f"process {i} (its latest: {latest})" for i, latest in blind)
+            raise CheckpointError(
+                f"{self._latest.directory}: process 0 resumes from step {step}, which {who} cannot see: "
+                "every process must see one shared directory (a per-host disk, or a network file "
+                "system that is not yet in sync?)")
+        return step
+
+    def open_best(self, resume_step: int | None, best_step: int | None,
+                  variables: Mapping[str, Any] | None = None) -> None:
+        """Open `best/` consistent with the latest checkpoint the run resumes from.
+
+        `best_step` is the best step recorded in that checkpoint. Steps of `best/` newer than
+        `resume_step` were saved by a run killed before its next latest checkpoint: the
+        resumed run redoes them, so they go (else Orbax would refuse to save the same step
+        again). When the recorded best is the resume step itself but its best save never
+        completed, the resumed variables are that best, and are saved.
+        """
+        if jax.process_index() == 0 and self._best_dir.is_dir():
+            for child in self._best_dir.iterdir():
+                step = child.name.split(".", 1)[0]
+                newer = step.isdigit() and resume_step is not None and int(step) > resume_step
+                unfinished = "tmp" in child.name
+                if newer or unfinished or (resume_step is None and step.isdigit()):
+                    logging.info("checkpoints: removing %s (newer than the step resumed from)", child)
+                    shutil.rmtree(child, ignore_errors=True)
+        multihost.barrier("best-cleaned")
+        self._best = ocp.CheckpointManager(self._best_dir, options=self._options(2, "best"),
+                                           item_handlers={VARIABLES: ocp.StandardCheckpointHandler()})
+        if (best_step is not None and best_step == resume_step and variables is not None
+                and best_step not in self._best.all_steps()):
+            logging.info("checkpoints: saving the best variables of step %d (their save did not complete)",
+                         best_step)
+            self.save_best(best_step, variables)
 
     def save(self, step: int, variables: Mapping[str, Any], train_state: Mapping[str, Any],
              data_state: Mapping[str, Any], iterator: TrainIterator | None = None) -> None:
@@ -220,11 +274,15 @@ class RunCheckpointer:
         self._latest.save(step, args=ocp.args.Composite(**items))
 
     def save_best(self, step: int, variables: Mapping[str, Any]) -> None:
+        """Save the best variables as `best/<step>`; the caller saves the latest checkpoint of
+        the same step right after (see the class doc)."""
+        assert self._best is not None, "open_best first"
+        self._latest.wait_until_finished()
         self._best.save(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(dict(variables))}),
                         force=True)
 
     def best_step(self) -> int | None:
-        return self._best.latest_step()
+        return None if self._best is None else self._best.latest_step()
 
     def restore(self, step: int, variables_like: Mapping[str, Any], train_state_like: Mapping[str, Any],
                 iterator: TrainIterator | None = None) -> tuple[dict, dict, dict]:
@@ -301,11 +359,13 @@ class RunCheckpointer:
 
     def wait(self) -> None:
         self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        if self._best is not None:
+            self._best.wait_until_finished()
 
     def close(self) -> None:
         self._latest.close()
-        self._best.close()
+        if self._best is not None:
+            self._best.close()
 
 
 def read_stored_variables(workdir: str | os.PathLike) -> tuple[Path, int, dict] | None:

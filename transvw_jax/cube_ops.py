@@ -3,6 +3,8 @@ indices, and a keyed counter hash for cheap per-voxel random numbers."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -47,8 +49,29 @@ def grid(shape):
             jnp.arange(shape[2])[None, None, :])
 
 
+_TRACE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_backend", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for(backend: str):
+    """Trace the transforms for `backend` ("cpu", "gpu", "cuda", "rocm", "tpu"): the
+    platform of the mesh that runs the step, which `trace_backend` reports inside the
+    block (outside it, `jax.default_backend()`). The train and eval steps trace their
+    transforms inside this, so the backend-specific forms follow the mesh."""
+    token = _TRACE_BACKEND.set("gpu" if backend in ("cuda", "rocm") else backend)
+    try:
+        yield
+    finally:
+        _TRACE_BACKEND.reset(token)
+
+
+def trace_backend() -> str:
+    """The backend the computation being traced will run on (see `tracing_for`)."""
+    return _TRACE_BACKEND.get() or jax.default_backend()
+
+
 def computed_once(key: jax.Array, fn):
-    """fn(), materialised once instead of re-fused into its consumers.
+    """fn(), materialised once instead of re-fused into its consumers (on the CPU backend).
 
     XLA fuses cheap elementwise work (hashes, multiply-adds) into every consumer, and into
     a gather it is recomputed for every element gathered: a per-tile table read by every
@@ -56,7 +79,14 @@ def computed_once(key: jax.Array, fn):
     a one-trip loop stops that on XLA:CPU (the barrier is dropped, the loop unrolled).
     A while loop whose trip count the compiler cannot know (always 1: it tests a uniform
     draw of `key` against 2) keeps `fn` in its own computation, evaluated once.
+
+    Only on the CPU backend (`trace_backend`, decided when tracing): on GPU a while loop
+    with a data-dependent trip count reads its condition back to the host every trip,
+    a device-to-host sync in the middle of the step, and recomputing a small table per
+    element is cheap there. Elsewhere this is just fn(), which XLA fuses as it likes.
     """
+    if trace_backend() != "cpu":
+        return fn()
     trips = 1 + (jax.random.uniform(key) >= 2.0).astype(jnp.int32)
     out = jax.eval_shape(fn)
     init = (jnp.int32(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out))

@@ -10,6 +10,7 @@ class TransVWError(Exception):
     """An error caused by the user's input (a file, a key, a value), not by a bug."""
 
     exit_code = 1
+    label = "error"  # main prints "<label>: <message>"
 
 
 class ConfigError(TransVWError):
@@ -24,3 +25,11 @@ class CheckpointError(TransVWError):
 
 class DataError(TransVWError):
     """A missing, unreadable or unusable data file or directory (volumes, stores)."""
+
+
+class Preempted(TransVWError):
+    """The job was asked to stop (SIGTERM: a TPU preemption, a SLURM requeue) and saved a
+    checkpoint first; the same command resumes it. Exits like a process ended by SIGTERM."""
+
+    exit_code = 143
+    label = "preempted"

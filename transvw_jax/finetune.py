@@ -473,7 +473,9 @@ def build_steps(
         x = store.decode_cubes(batch["cube"])
         labels = batch["label"].astype(jnp.int32)
         mask = batch["mask"].astype(jnp.float32)
-        logits = model.apply(variables, x[..., None], train=False)
+        # The padding rows (mask False) stay out of BatchNorm's batch statistics (bn="reference"):
+        # no real cube's result depends on the batch size or the device count.
+        logits = model.apply(variables, x[..., None], train=False, mask=batch["mask"])
         if segmentation:
             ce, inter, total = segmentation_terms(logits, labels, num_classes)
             pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes, dtype=jnp.float32)

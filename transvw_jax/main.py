@@ -29,8 +29,8 @@ config_flags.DEFINE_config_file(
 )
 
 
-def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def _fail(message: str, code: int, label: str = "error") -> None:
+    print(f"{label}: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
     try:
         stages.run(FLAGS.config, _WORKDIR.value)
     except TransVWError as e:
-        _fail(str(e), e.exit_code)
+        _fail(str(e), e.exit_code, e.label)
 
 
 def run() -> None:

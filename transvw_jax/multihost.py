@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 
-from transvw_jax.errors import TransVWError
+from transvw_jax.errors import ConfigError, TransVWError
+from transvw_jax.fileio import atomic_write_text
 
 POLL_S = 1.0
 # Long enough for any host-side stage (discovery on a full data set) on process 0: a lost
@@ -181,6 +186,120 @@ def once_per_job(name: str, work: Callable[[], None]) -> None:
     if outcome != "ok":
         code, kind, message = outcome.split("|", 2)
         raise StageFailedElsewhere(f"process 0 failed ({kind}): {message}", int(code))
+
+
+_rounds: dict[str, int] = {}
+
+
+def _round(name: str) -> str:
+    """A key unique to this call of `name`: every process makes the same calls in the same
+    order, so the n-th call has the same key everywhere."""
+    _rounds[name] = _rounds.get(name, 0) + 1
+    return f"transvw/{name}/{_rounds[name]}"
+
+
+def gather(name: str, value: str) -> list[str]:
+    """Every process's `value`, in process order (one key-value exchange through the
+    coordination service: no compiled collective, so it works before any step runs)."""
+    if jax.process_count() == 1:
+        return [value]
+    client, key = _client(), _round(name)
+    client.key_value_set(f"{key}/{jax.process_index()}", value)
+    return [client.blocking_key_value_get(f"{key}/{i}", STAGE_WAIT_MS) for i in range(jax.process_count())]
+
+
+def from_process_zero(name: str, value: str) -> str:
+    """Process 0's `value`, on every process: one decision where each process could make
+    its own (e.g. from a file system that shows them different things)."""
+    if jax.process_count() == 1:
+        return value
+    client, key = _client(), _round(name)
+    if jax.process_index() == 0:
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, STAGE_WAIT_MS)
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        _client().wait_at_barrier(_round(name), STAGE_WAIT_MS)
+
+
+SHARED_WAIT_S = 15.0  # NFS clients may cache a directory's listing for seconds
+
+
+def check_shared_directory(directory: Path, what: str) -> None:
+    """Raise ConfigError on every process unless all of them see the same `directory`.
+
+    Checkpoints are written shard by shard by every process into one directory and read
+    back by all: with per-host disks, each process would see only its own files and the
+    job would hang or resume from different steps. Process 0 writes a file with a random
+    name into `directory`; every process looks for it (for up to SHARED_WAIT_S, as network
+    file systems may show it late), and all raise the same one-line error when one cannot.
+    """
+    if jax.process_count() == 1:
+        return
+    index = jax.process_index()
+    nonce = from_process_zero("shared-nonce", uuid.uuid4().hex if index == 0 else "")
+    probe = directory / f".transvw-shared-{nonce}"
+    if index == 0:
+        atomic_write_text(probe, nonce)
+    barrier("shared-written")
+    deadline = time.monotonic() + SHARED_WAIT_S
+    seen = False
+    while True:
+        try:
+            seen = probe.read_text() == nonce
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    views = gather("shared-seen", f"{int(seen)} {socket.gethostname()}")
+    if index == 0:
+        probe.unlink(missing_ok=True)
+    blind = [(i, v.split(" ", 1)[1]) for i, v in enumerate(views) if not v.startswith("1")]
+    if blind:
+        who = ", ".join(f"process {i} (host {host})" for i, host in blind)
+        raise ConfigError(f"{what} {directory} is not shared by all {len(views)} processes: {who} cannot see "
+                          f"the file process 0 wrote there; put it on storage every process mounts at the "
+                          f"same path (NFS, Filestore, gcsfuse)")
+
+
+class Preemption:
+    """Whether the job has been asked to stop (SIGTERM), decided at the same step on every
+    process, so that all of them save that step and leave.
+
+    In a `jax.distributed` job JAX's preemption service catches SIGTERM on any process
+    and agrees on a step every process can still reach (`reached_preemption_sync_point`,
+    which every process must ask at every step). A single process has no service: a
+    SIGTERM handler, installed for the duration of the `with` block, sets a flag.
+    """
+
+    def __init__(self) -> None:
+        from jax._src import distributed
+
+        self._service = distributed.global_state.preemption_sync_manager is not None
+        self._signalled = threading.Event()
+        self._previous: Any = None
+
+    def __enter__(self) -> Preemption:
+        if not self._service and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def reached(self, step: int) -> bool:
+        """Call once per step, with the step just completed, on every process."""
+        if self._service:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._signalled.is_set()
 
 
 class StageFailedElsewhere(TransVWError):

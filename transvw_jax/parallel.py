@@ -51,6 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
     # A process that sends no heartbeat for this long is lost: the others stop with a line
     # naming it (transvw_jax/multihost.py) instead of waiting in a collective.
     c.heartbeat_timeout_s = 60
+    # Where compiled XLA programs are kept between runs (a restart, a resumed job, the
+    # next stage compile nothing they compiled before): "workdir" = <workdir>/xla_cache
+    # (shared storage on a pod: process 0 writes, every process reads), "off", or a
+    # directory. JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
+    c.compilation_cache = "workdir"
     return c
 
 
@@ -60,7 +65,31 @@ def _cluster_in_environment() -> bool:
         return True
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
         return True
-    return bool(env.get("TPU_WORKER_HOSTNAMES") and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if env.get("TPU_WORKER_HOSTNAMES") and "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return True  # GKE
+    return _on_cloud_tpu_vm()
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """TPU chips on this host and the TPU runtime installed: a Cloud TPU VM. Its workers
+    (started with `gcloud compute tpus tpu-vm ssh --worker=all`) publish the pod's layout
+    through the metadata server, which only `jax.distributed.initialize()` reads, so it
+    must be called (even on a one-host slice, where it finds one process: Orbax's async
+    checkpointer also needs the distributed client). Reads /sys, starts no backend."""
+    platforms = _requested_platforms()
+    if platforms and "tpu" not in platforms:
+        return False
+    try:
+        import importlib.util
+
+        from jax._src import hardware_utils  # what JAX itself checks before touching libtpu
+
+        if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+            return False
+        chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    except Exception:  # noqa: BLE001 - a private JAX module: when it moves, do not guess
+        return False
+    return chips > 0
 
 
 def initialize(cfg: ml_collections.ConfigDict) -> str:
@@ -122,9 +151,15 @@ def _before_joining() -> None:
 
 def _cpu_collectives() -> None:
     """CPU-only jobs (tests, laptops) need a cross-process collective library: gloo."""
-    platforms = os.environ.get("JAX_PLATFORMS", "") or jax.config.jax_platforms or ""
-    if platforms.split(",")[0] == "cpu":
+    platforms = _requested_platforms()
+    if platforms and platforms[0] == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def _requested_platforms() -> list[str]:
+    """The platforms JAX was told to use (JAX_PLATFORMS or jax_platforms), [] = any."""
+    platforms = os.environ.get("JAX_PLATFORMS", "") or jax.config.jax_platforms or ""
+    return [p for p in platforms.split(",") if p]
 
 
 def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -186,6 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.get("discovery") is None:
             raise ConfigError("stage discover needs a config.discovery section")
         discovery.validate_config(config)
+    _refuse_urls({f"config.{k}": v for k, v in _config_paths(config).items()})
     for fmt in config.get("export", {}).get("formats", ()):
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export.formats: unknown format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
@@ -210,6 +212,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Validate `config`, join the job's processes, resolve the automatic values for the
     training mesh, save the config into `workdir`, then run its stages in order."""
     validate(config)
+    _refuse_urls({"--workdir": str(workdir)})
     if "parallel" not in config:
         with config.unlocked():
             config.parallel = parallel.default_config()
@@ -223,6 +226,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     try:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        multihost.check_shared_directory(workdir.absolute(), "--workdir")
+        _compilation_cache(config.parallel.get("compilation_cache", "workdir"), workdir)
         with config.unlocked():
             config.parallel.distributed = mode
         resolve.resolve_for_mesh(config, parallel.make_mesh(config.parallel.fsdp), recorded)
@@ -242,6 +247,40 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
         raise
     finally:
         multihost.finish(watchdog, ok)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+PATH_KEYS = ("data.store_dir", "data.released_dir", "discovery.volumes_dir", "finetune.dataset_dir",
+             "finetune.images_dir", "finetune.labels_dir", "finetune.pretrained")
+
+
+def _refuse_urls(paths: dict[str, str]) -> None:
+    """Every path is read and written as a local path: a gs:// URL would silently become a
+    local folder named "gs:"; refuse it with one line instead."""
+    for name, value in paths.items():
+        if _URL.match(value):
+            raise ConfigError(f"{name}={value}: cloud-storage URLs are not supported; mount the bucket "
+                              f"(e.g. gcsfuse) and give its local path")
+
+
+def _config_paths(config: ml_collections.ConfigDict) -> dict[str, str]:
+    found = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = config.get(section, {}).get(name) if section in config else None
+        if isinstance(value, str) and value:
+            found[key] = value
+    return found
+
+
+def _compilation_cache(setting: str, workdir: Path) -> None:
+    """Turn on JAX's persistent compilation cache (see parallel.default_config)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or setting in ("off", ""):
+        return
+    if jax.config.jax_compilation_cache_dir:  # JAX opens its cache once per process
+        return
+    directory = workdir / "xla_cache" if setting == "workdir" else Path(setting)
+    jax.config.update("jax_compilation_cache_dir", str(directory.absolute()))
 
 
 def log_summary(workdir: Path) -> None:

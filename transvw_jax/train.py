@@ -21,6 +21,7 @@ float32 master weights whatever `model.dtype` computes in.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -34,9 +35,10 @@ import numpy as np
 import optax
 
 from transvw_jax import checkpointing, metrics, multihost, parallel
+from transvw_jax import cube_ops as C
 from transvw_jax import transforms as T
 from transvw_jax.data import loader, store
-from transvw_jax.errors import ConfigError, TransVWError
+from transvw_jax.errors import ConfigError, Preempted, TransVWError
 from transvw_jax.models import abstract_variables, build_model, init_variables
 
 OBJECTIVES = {"transvw": "ynet3d", "genesis": "unet3d"}
@@ -47,6 +49,7 @@ SCHEDULE_UNITS = ("steps", "epochs")
 EPOCH_KEYS = ("steps", "decay_every", "warmup_steps", "eval_every", "checkpoint_every", "sample_every")
 NUM_TRANSFORMS = len(T.TRANSFORM_NAMES)
 METRICS = ("loss", "rec", "cls", "acc", "grad_norm")  # train-step metrics, in display order
+SAMPLE_CUBES = 4  # cubes in a sample PNG: all that `Steps.samples` returns
 
 
 class TrainingDiverged(TransVWError):
@@ -69,6 +72,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.decay_every = 4000  # steps (the reference: every 40 epochs)
     c.decay_factor = 0.5
     c.warmup_steps = 0  # linear warmup (cosine and step)
+    # none | sqrt | linear: the peak learning rate is learning_rate x (batch_size /
+    # reference_batch_size) ** (1/2 | 1) (`make_schedule`), for a batch far from the one the
+    # learning rate was tuned at. "none" (learning_rate as given) is the reference's recipe.
+    c.lr_scaling = "none"
+    c.reference_batch_size = 64  # the global batch learning_rate was tuned at (the reference's 64)
     c.grad_clip_norm = 0.0  # 0 = off
     c.lambda_rec = 1.0
     c.lambda_cls = 0.01
@@ -123,20 +131,44 @@ def validate_loop_config(t: ml_collections.ConfigDict, section: str) -> None:
             raise ConfigError(f"{section}.{key} must be >= 1, got {t[key]}")
     if not t.learning_rate > 0:
         raise ConfigError(f"{section}.learning_rate must be > 0, got {t.learning_rate}")
+    # .get: configs written before these keys existed (and fine-tuning's section) still load.
+    if t.get("lr_scaling", "none") not in LR_SCALINGS:
+        raise ConfigError(f"{section}.lr_scaling: {t.lr_scaling!r} is not one of {', '.join(LR_SCALINGS)}")
+    if int(t.get("reference_batch_size", 64)) < 1:
+        raise ConfigError(f"{section}.reference_batch_size must be >= 1, got {t.reference_batch_size}")
 
 
 # --------------------------------------------------------------------------- optimiser
 
 
+LR_SCALINGS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # train.lr_scaling: exponent of the batch ratio
+
+
+def peak_learning_rate(t: ml_collections.ConfigDict) -> float:
+    """learning_rate scaled by train.lr_scaling: x (batch_size / reference_batch_size) ** p,
+    p = 0 (none), 1/2 (sqrt: keeps the update's noise scale, the usual rule for Adam) or 1
+    (linear: the SGD rule of Goyal et al. 2017). Both need a warm-up at large ratios."""
+    scaling = t.get("lr_scaling", "none")
+    if scaling == "none":
+        return float(t.learning_rate)
+    ratio = t.batch_size / t.get("reference_batch_size", 64)
+    return float(t.learning_rate) * ratio ** LR_SCALINGS[scaling]
+
+
 def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+    peak = peak_learning_rate(t)
+    if t.get("lr_scaling", "none") != "none":
+        logging.info("peak learning rate %.3g = %.3g x (%d / %d) ** %g (lr_scaling=%s), warm-up %d steps",
+                     peak, t.learning_rate, t.batch_size, t.get("reference_batch_size", 64),
+                     LR_SCALINGS[t.lr_scaling], t.lr_scaling, t.warmup_steps)
     if t.schedule == "constant":
-        main = optax.constant_schedule(t.learning_rate)
+        main = optax.constant_schedule(peak)
     elif t.schedule == "step":
-        main = optax.exponential_decay(t.learning_rate, t.decay_every, t.decay_factor, staircase=True)
+        main = optax.exponential_decay(peak, t.decay_every, t.decay_factor, staircase=True)
     else:
-        main = optax.cosine_decay_schedule(t.learning_rate, max(1, t.steps - t.warmup_steps))
+        main = optax.cosine_decay_schedule(peak, max(1, t.steps - t.warmup_steps))
     if t.warmup_steps:
-        warm = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+        warm = optax.linear_schedule(0.0, peak, t.warmup_steps)
         return optax.join_schedules([warm, main], [t.warmup_steps])
     return main
 
@@ -158,7 +190,7 @@ class Steps:
 
     train: Any  # (variables, train_state, batch) -> (variables, train_state, metrics)
     eval: Any  # (variables, batch, key) -> sums
-    samples: Any  # (variables, batch, key) -> (input, target, restoration, transform)
+    samples: Any  # (variables, batch, key) -> (input, target, restoration, transform) of SAMPLE_CUBES cubes
 
 
 def transform_membership(objective: str, tid: jax.Array) -> jax.Array:
@@ -173,14 +205,15 @@ def cube_keys(rng: jax.Array, step: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
 
-def _forward(model, objective, variables, x, train):
-    """(restoration (B,X,Y,Z), logits or None, new batch_stats or None)."""
+def _forward(model, objective, variables, x, train, mask=None):
+    """(restoration (B,X,Y,Z), logits or None, new batch_stats or None). `mask` (B,): the
+    rows that enter BatchNorm's batch statistics (evaluation's padding rows do not)."""
     x = x[..., None]
     if train:
-        out, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        out, upd = model.apply(variables, x, train=True, mutable=["batch_stats"], mask=mask)
         stats = upd["batch_stats"]
     else:
-        out, stats = model.apply(variables, x, train=False), None
+        out, stats = model.apply(variables, x, train=False, mask=mask), None
     if objective == "transvw":
         restoration, logits = out
     else:
@@ -205,15 +238,21 @@ def build_steps(
     objective = t.objective
     batch_sh = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
+    platform = mesh.devices.flat[0].platform  # the transforms' backend-specific forms follow the mesh
+
+    def pin(*arrays):
+        """Per-cube arrays split over the batch sharding, like the batch: no device
+        computes (or gathers) another device's cubes."""
+        return tuple(jax.lax.with_sharding_constraint(a, batch_sh) for a in arrays)
 
     def augment(keys, cube):
-        x = store.decode_cubes(cube)
-        return T.batch_policy(keys, x, tcfg, shards=mesh.size)
+        keys, x = pin(keys, store.decode_cubes(cube))
+        with C.tracing_for(platform):
+            return pin(*T.batch_policy(keys, x, tcfg, shards=mesh.size))
 
     def train_step(variables, state, batch):
         keys = cube_keys(state["rng"], state["step"], batch["cube"].shape[0])
         inp, target, tid = augment(keys, batch["cube"])
-        inp = jax.lax.with_sharding_constraint(inp, batch_sh)
 
         def loss_fn(params):
             v = {"params": params, "batch_stats": variables["batch_stats"]}
@@ -235,7 +274,9 @@ def build_steps(
     def eval_sums(variables, batch, rng):
         keys = cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
         inp, target, tid = augment(keys, batch["cube"])
-        restoration, logits, _ = _forward(model, objective, variables, inp, False)
+        # Padding rows (mask False) stay out of BatchNorm's batch statistics: no real cube's
+        # result depends on the batch size or the device count.
+        restoration, logits, _ = _forward(model, objective, variables, inp, False, batch["mask"])
         mse, ce, correct = _loss_parts(restoration, logits, target, batch["label"])
         mask = batch["mask"].astype(jnp.float32)
         member = transform_membership(objective, tid).astype(jnp.float32) * mask[:, None]
@@ -249,10 +290,11 @@ def build_steps(
         }
 
     def samples(variables, batch, rng):
+        """The first SAMPLE_CUBES cubes only: they alone are replicated and fetched."""
         keys = cube_keys(rng, jnp.int32(0), batch["cube"].shape[0])
         inp, target, tid = augment(keys, batch["cube"])
-        restoration, _, _ = _forward(model, objective, variables, inp, False)
-        return inp, target, restoration, tid
+        restoration, _, _ = _forward(model, objective, variables, inp, False, batch["mask"])
+        return tuple(a[:SAMPLE_CUBES] for a in (inp, target, restoration, tid))
 
     metric_names = [k for k in METRICS if objective == "transvw" or k not in ("cls", "acc")]
     train = jax.jit(
@@ -415,7 +457,15 @@ def _finite_or_raise(history: list[tuple[int, dict]], last_good: int | None, wor
             raise TrainingDiverged(f"step {step}: training diverged ({parts}); stopping, {where}")
 
 
-def _evaluate(steps: Steps, variables, val_source, config, mesh, rng) -> dict[str, float]:
+def _eval_dataset(val_source, config):
+    """This process's validation pass (`loader.eval_dataset`), built once per run and
+    iterated again at each evaluation: the same cubes in the same order every time."""
+    t = config.train
+    return loader.eval_dataset(val_source, batch_size=parallel.local_batch_size(t.batch_size),
+                               num_threads=config.data.num_threads, shuffle_seed=t.seed)
+
+
+def _evaluate(steps: Steps, variables, val_source, config, mesh, rng, dataset=None) -> dict[str, float]:
     """Mean validation metrics over the whole split (or train.eval_batches batches).
 
     The cubes come in one fixed, seeded permutation, so every batch mixes classes and
@@ -423,17 +473,17 @@ def _evaluate(steps: Steps, variables, val_source, config, mesh, rng) -> dict[st
     gets the same transform draw at every evaluation (`rng` and its position are fixed). The
     originals draw fresh transforms over a reshuffled validation set each epoch; fixed draws
     make the validation loss a deterministic function of the weights, so the best checkpoint
-    and early stopping follow the weights, not the draw.
+    and early stopping follow the weights, not the draw. The last batch's padding rows
+    count nowhere, not even in BatchNorm's batch statistics (`build_steps`).
+
+    `dataset`: the pass from `_eval_dataset(val_source, config)`, reused between
+    evaluations (None: built here).
     """
     t = config.train
-    local = parallel.local_batch_size(t.batch_size)
-    ds = loader.eval_dataset(val_source, batch_size=local, num_threads=config.data.num_threads,
-                             shuffle_seed=t.seed)
+    ds = _eval_dataset(val_source, config) if dataset is None else dataset
     sharding = parallel.batch_sharding(mesh)
     totals = None
-    for i, batch in enumerate(ds):
-        if t.eval_batches and i >= t.eval_batches:
-            break
+    for batch in itertools.islice(ds, t.eval_batches or None):
         sums = steps.eval(variables, parallel.global_batch(batch, sharding), rng)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -514,9 +564,10 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
     iterator = iter(dataset)
     is_main = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, enabled=is_main)
-    best_eval, best_step, evals_since_best = None, ckpt.best_step(), 0
+    best_eval, best_step, evals_since_best = None, None, 0
     already_stopped = False
     if start is None:
+        ckpt.open_best(None, None)
         variables, state = task.init()
         start = 0
     else:
@@ -524,6 +575,10 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
                                                     iterator=iterator)
         best_eval = data_state.get("best_eval")
         evals_since_best = int(data_state.get("evals_since_best", 0))
+        best_step = data_state.get("best_step")
+        ckpt.open_best(start, best_step, variables)
+        if best_step is None:  # a checkpoint written before best_step was recorded
+            best_step = ckpt.best_step()
         writer.truncate_after(start)
         logging.info("%s: resumed from %s/%d", task.name, checkpointing.checkpoint_dir(workdir), start)
         if t.patience and evals_since_best >= t.patience:
@@ -549,12 +604,15 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
             last_train = fetched[-1][1]
 
     step = start
+    preemption = multihost.Preemption().__enter__()  # left in `finally`
     try:
         while step < t.steps and not already_stopped:
             batch = parallel.global_batch(next(iterator), sharding)
             variables, state, m = run.steps.train(variables, state, batch)
             step += 1
             pending.append((step, m))
+            preempted = preemption.reached(step)
+            save_now = False
             if step % t.log_every == 0 or step == t.steps:
                 flush_pending()
                 progress.update(step, last_train)
@@ -569,20 +627,29 @@ def fit(task: Task, t: ml_collections.ConfigDict, data: ml_collections.ConfigDic
                 if best_eval is None or ev["loss"] < best_eval["loss"]:
                     best_eval, best_step, evals_since_best = ev, step, 0
                     ckpt.save_best(step, variables)
+                    save_now = True  # a latest checkpoint of the best step: see RunCheckpointer
                 else:
                     evals_since_best += 1
                 if t.patience and evals_since_best >= t.patience:
                     logging.info("%s: no better validation loss in %d evaluations: stopping at step %d",
                                  task.name, evals_since_best, step)
                     stopped_early = True
-            if step % t.checkpoint_every == 0 or step == t.steps or stopped_early:
+            periodic = step % t.checkpoint_every == 0 or step == t.steps
+            if periodic or stopped_early or save_now or preempted:
                 flush_pending()
-                ckpt.save(step, variables, state,
-                          {"best_eval": best_eval, "evals_since_best": evals_since_best}, iterator=iterator)
+                run_state = {"best_eval": best_eval, "evals_since_best": evals_since_best,
+                             "best_step": best_step}
+                ckpt.save(step, variables, state, run_state, iterator=iterator)
                 last_good = step
+            if preempted and step < t.steps and not stopped_early:
+                ckpt.wait()
+                saved = checkpointing.checkpoint_dir(workdir) / str(step)
+                raise Preempted(f"{task.name}: stopped by SIGTERM at step {step} of {t.steps}; saved "
+                                f"checkpoint {saved}: run the same command to resume")
             if stopped_early:
                 break
     finally:
+        preemption.__exit__()
         ckpt.wait()
         ckpt.close()
         writer.close()
@@ -614,14 +681,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           "checkpoint need them): set discovery.val_fraction > 0 and discover again")
     mesh = parallel.make_mesh(config.parallel.fsdp)
     run = build_run(config, mesh)
-    local = parallel.local_batch_size(t.batch_size)
     sharding = parallel.batch_sharding(mesh)
     eval_rng = jax.random.key_data(jax.random.key(t.seed + 1))
+    eval_ds = _eval_dataset(val_src, config)  # one pipeline for every evaluation and the samples
     sample_batch = []
 
     def write_samples(variables, step: int, write: bool) -> None:
         if not sample_batch:
-            sample_batch.append(_first_val_batch(val_src, local, config))
+            sample_batch.append(_first_val_batch(eval_ds))
         _write_samples(run.steps, variables, sample_batch[0], sharding, eval_rng, workdir, step, t.objective,
                        write=write)
 
@@ -631,7 +698,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         run=run,
         train_source=train_src,
         init=lambda: run.init(t.seed),
-        evaluate=lambda variables: _evaluate(run.steps, variables, val_src, config, mesh, eval_rng),
+        evaluate=lambda variables: _evaluate(run.steps, variables, val_src, config, mesh, eval_rng, eval_ds),
         metric_names=tuple(k for k in METRICS if t.objective == "transvw" or k not in ("cls", "acc")),
         write_samples=write_samples,
     )
@@ -640,9 +707,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return summary
 
 
-def _first_val_batch(val_src, local: int, config) -> dict[str, np.ndarray]:
-    return next(iter(loader.eval_dataset(val_src, batch_size=local, num_threads=config.data.num_threads,
-                                         shuffle_seed=config.train.seed)))
+def _first_val_batch(dataset) -> dict[str, np.ndarray]:
+    """The first batch of the validation pass (`_eval_dataset`): the cubes of the samples."""
+    return next(iter(dataset))
 
 
 def _write_samples(
@@ -658,5 +725,6 @@ def _write_samples(
         "+".join(n for n, m in zip(T.TRANSFORM_NAMES, row, strict=True) if m) or "none" for row in member
     ]
     metrics.save_sample_grid(
-        metrics.sample_path(workdir, step), inp, target, restoration, transform_names=names
+        metrics.sample_path(workdir, step), inp, target, restoration, max_cubes=SAMPLE_CUBES,
+        transform_names=names,
     )

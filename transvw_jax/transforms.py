@@ -346,7 +346,7 @@ def resolve_batch_chunk(cfg: ml_collections.ConfigDict, backend: str | None = No
     """Cubes per device and chunk for `batch_policy`; 0 means the whole batch at once."""
     chunk = cfg.get("batch_chunk", -1)
     if chunk == -1:
-        on_cpu = (backend or jax.default_backend()) == "cpu"
+        on_cpu = (backend or C.trace_backend()) == "cpu"
         return CPU_BATCH_CHUNK.get(cfg.get("policy", "transvw"), 0) if on_cpu else 0
     return chunk
 

@@ -296,6 +296,13 @@ class BatchNorm(nn.Module):
     (the original also updates them during evaluation; they are unused in reference mode).
     The running variance uses the unbiased batch variance, as PyTorch does. Statistics
     are computed in float32 whatever the compute dtype.
+
+    `mask` (B,) bool, optional: only the rows where it is true enter the batch statistics
+    (the others are normalised with them too, and changed nothing). Evaluation pads its
+    last batch with copies of a real cube; with the mask those copies do not move any
+    real cube's result, so validation figures do not depend on the batch size or the
+    device count. The sums run over the whole (sharded) batch axis: under jit the
+    statistics are global, as without a mask. None: every row.
     """
 
     mode: str = "reference"
@@ -304,7 +311,7 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         if self.mode not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {self.mode!r}")
         c = x.shape[-1]
@@ -316,11 +323,19 @@ class BatchNorm(nn.Module):
         xf = x.astype(jnp.float32)
         if train or self.mode == "reference":
             axes = tuple(range(x.ndim - 1))
-            mean = xf.mean(axes)
-            var = jnp.square(xf - mean).mean(axes)
-            if train and not self.is_initializing():
+            if mask is None:
+                mean = xf.mean(axes)
+                var = jnp.square(xf - mean).mean(axes)
                 n = x.size // c
-                unbiased = var * (n / max(n - 1, 1))
+                bessel = n / max(n - 1, 1)
+            else:
+                keep = mask.astype(jnp.bool_).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+                n = keep.sum(dtype=jnp.float32) * (x.size // (c * x.shape[0]))
+                mean = jnp.where(keep, xf, 0.0).sum(axes) / jnp.maximum(n, 1.0)
+                var = jnp.where(keep, jnp.square(xf - mean), 0.0).sum(axes) / jnp.maximum(n, 1.0)
+                bessel = n / jnp.maximum(n - 1.0, 1.0)
+            if train and not self.is_initializing():
+                unbiased = var * bessel
                 m = self.momentum
                 running_mean.value = (1 - m) * running_mean.value + m * mean
                 running_var.value = (1 - m) * running_var.value + m * unbiased

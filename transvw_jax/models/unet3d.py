@@ -8,7 +8,9 @@ of them.
 
 Channel counts scale with `width` (32 in the reference): the encoder at depth d has
 width*2^d -> width*2^(d+1) channels, the bottleneck 16*width, the class head 32*width.
-Inputs are (B, X, Y, Z, C) with X, Y, Z divisible by 8 (three 2x poolings).
+Inputs are (B, X, Y, Z, C) with X, Y, Z divisible by 8 (three 2x poolings). Every model
+takes an optional `mask` (B,) bool: the rows that enter BatchNorm's batch statistics
+(`layers.BatchNorm`; evaluation passes the mask of its padded batches), None = all rows.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ class LUConv(nn.Module):
     conv_impl: str = "xla3d"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         x = Conv3D(self.features, 3, dtype=self.dtype, impl=self.conv_impl, name="conv1")(x)
-        x = BatchNorm(mode=self.bn, dtype=self.dtype, name="bn1")(x, train)
+        x = BatchNorm(mode=self.bn, dtype=self.dtype, name="bn1")(x, train, mask)
         return nn.relu(x)
 
 
@@ -59,9 +61,9 @@ class DownTransition(nn.Module):
     conv_impl: str = "xla3d"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         for i, f in enumerate(self.features):
-            x = LUConv(f, self.bn, self.dtype, self.conv_impl, name=f"ops_{i}")(x, train)
+            x = LUConv(f, self.bn, self.dtype, self.conv_impl, name=f"ops_{i}")(x, train, mask)
         return x
 
 
@@ -74,17 +76,19 @@ def _check_input(x: jax.Array) -> None:
         )
 
 
-def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool, conv_impl: str = "xla3d"):
+def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool, conv_impl: str = "xla3d",
+             mask: jax.Array | None = None):
     """The four down transitions. Must be called inside a compact method: the blocks
     attach to the calling module under the reference names (down_tr64 ... down_tr512).
 
     Returns the bottleneck (16*width channels at 1/8 resolution) and the three skips.
+    `mask` (B,) bool: the rows that enter BatchNorm's batch statistics (None: all).
     """
     skips = []
     for d in range(DEPTHS):
         c = width * 2**d
         # The reference names blocks by their output channels at width 32.
-        x = DownTransition((c, 2 * c), bn, dtype, conv_impl, name=f"down_tr{64 * 2**d}")(x, train)
+        x = DownTransition((c, 2 * c), bn, dtype, conv_impl, name=f"down_tr{64 * 2**d}")(x, train, mask)
         if d < DEPTHS - 1:
             skips.append(x)
             x = max_pool_2x(x)
@@ -92,13 +96,13 @@ def _encoder(x: jax.Array, width: int, bn: str, dtype: Dtype, train: bool, conv_
 
 
 def _decoder(x: jax.Array, skips: list, width: int, bn: str, dtype: Dtype, train: bool,
-             conv_impl: str = "xla3d"):
+             conv_impl: str = "xla3d", mask: jax.Array | None = None):
     for d in reversed(range(DEPTHS - 1)):
         # From below come width*2^(d+2) channels (512, 256, 128 at width 32); the block
         # returns width*2^(d+1). Reference names: up_tr256, up_tr128, up_tr64.
         up, out = width * 2 ** (d + 2), width * 2 ** (d + 1)
         block = UpTransition(up, out, bn, dtype, conv_impl, name=f"up_tr{64 * 2**d}")
-        x = block(x, skips[d], train)
+        x = block(x, skips[d], train, mask)
     return x
 
 
@@ -112,11 +116,12 @@ class UpTransition(nn.Module):
     conv_impl: str = "xla3d"
 
     @nn.compact
-    def __call__(self, x: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, skip: jax.Array, train: bool,
+                 mask: jax.Array | None = None) -> jax.Array:
         x = ConvTranspose2x(self.up_features, dtype=self.dtype, name="up_conv")(x)
         x = jnp.concatenate([x, skip.astype(self.dtype)], axis=-1)
         for i in range(2):
-            x = LUConv(self.features, self.bn, self.dtype, self.conv_impl, name=f"ops_{i}")(x, train)
+            x = LUConv(self.features, self.bn, self.dtype, self.conv_impl, name=f"ops_{i}")(x, train, mask)
         return x
 
 
@@ -134,9 +139,9 @@ class ClassificationHead(nn.Module):
     conv_impl: str = "xla3d"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         x = Conv3D(32 * self.width, 3, dtype=self.dtype, impl=self.conv_impl, name="conv1")(x)
-        x = BatchNorm(mode=self.bn, dtype=self.dtype, name="bn1")(x, train)
+        x = BatchNorm(mode=self.bn, dtype=self.dtype, name="bn1")(x, train, mask)
         x = nn.relu(x)
         x = x.astype(jnp.float32).mean(axis=(1, 2, 3))
         return Dense(self.num_classes, dtype=self.dtype, name="fc1")(x).astype(jnp.float32)
@@ -157,10 +162,10 @@ class UNet3D(nn.Module):
     activation: str = "sigmoid"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         _check_input(x)
-        x, skips = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl)
-        x = _decoder(x, skips, self.width, self.bn, self.dtype, train, self.conv_impl)
+        x, skips = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl, mask)
+        x = _decoder(x, skips, self.width, self.bn, self.dtype, train, self.conv_impl, mask)
         return OutputTransition(self.out_channels, self.dtype, self.activation, name="out_tr")(x)
 
 
@@ -192,14 +197,15 @@ class YNet3D(nn.Module):
     conv_impl: str = "xla3d"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         _check_input(x)
-        bottleneck, skips = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl)
-        y = _decoder(bottleneck, skips, self.width, self.bn, self.dtype, train, self.conv_impl)
+        bottleneck, skips = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl, mask)
+        y = _decoder(bottleneck, skips, self.width, self.bn, self.dtype, train, self.conv_impl, mask)
         restoration = OutputTransition(self.out_channels, self.dtype, name="out_tr")(y)
         head = ClassificationHead(self.num_classes, self.width, self.bn, self.dtype, self.conv_impl,
                                   name="clc_out")
-        return restoration, head(bottleneck, train)
+        return restoration, head(bottleneck, train, mask)
 
 
 class EncoderClassifier(nn.Module):
@@ -217,9 +223,9 @@ class EncoderClassifier(nn.Module):
     conv_impl: str = "xla3d"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         _check_input(x)
-        bottleneck, _ = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl)
+        bottleneck, _ = _encoder(x, self.width, self.bn, self.dtype, train, self.conv_impl, mask)
         head = ClassificationHead(self.num_classes, self.width, self.bn, self.dtype, self.conv_impl,
                                   name="clc_out")
-        return head(bottleneck, train)
+        return head(bottleneck, train, mask)
