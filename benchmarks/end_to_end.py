@@ -52,6 +52,7 @@ from train_step import real_config  # the same step config as train_step.py (sam
 
 from transvw_jax import hostenv, parallel, train
 from transvw_jax.data import loader, store
+from transvw_jax.models.layers import CONV_IMPLS
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,7 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps, per loop")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps from the loader (1st compiles)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--conv-impl", default="xla3d", choices=["xla3d", "depth2d"])
+    p.add_argument("--conv-impl", default="xla3d", choices=CONV_IMPLS)
     p.add_argument("--threads", type=int, default=loader.DEFAULT_THREADS, help="loader read threads")
     p.add_argument("--prefetch", type=int, default=loader.DEFAULT_PREFETCH, help="batches read ahead")
     p.add_argument("--extra-batches", type=int, default=4,

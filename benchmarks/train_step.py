@@ -12,7 +12,7 @@ convolution of the network forward+backward, per implementation. JSON lines:
    "cubes_per_s", "s_per_step", "gflop_per_step", "mfu"}
 
   python benchmarks/train_step.py --compare-torch                # batch 2, width 32, float32
-  python benchmarks/train_step.py --conv-impl depth2d --compare-torch
+  python benchmarks/train_step.py --conv-impl xla3d --compare-torch
   python benchmarks/train_step.py --layers --width 32
   python benchmarks/train_step.py --sweep --width 32             # float32, bfloat16 x batch 1, 2, 4
   python benchmarks/train_step.py --real-step --steps 3          # the project's train step
@@ -93,7 +93,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cube", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--conv-impl", default="auto", choices=["auto", *CONV_IMPLS],
-                   help="model.conv_impl; auto: matmul on CPU, xla3d on GPU/TPU")
+                   help="model.conv_impl; auto: onednn (or matmul) on CPU, xla3d on GPU/TPU")
     p.add_argument("--iters", "--steps", dest="iters", type=int, default=3,
                    help="timed steps per implementation (--steps and --iters are the same)")
     p.add_argument("--compare-torch", action="store_true")

@@ -1,9 +1,9 @@
 """Throughput of the restoration transforms on the default backend (jit-compiled, warm) vs numpy.
 
-The numpy/scipy side is a plain per-cube implementation of the same procedures, written
-here the way the original code does them (a Python loop over shuffle blocks, a 100,000-
-point Bezier curve with np.interp, scipy's gaussian_filter + map_coordinates), run in this
-one process on one core. Prints JSON lines:
+The numpy/scipy side is `transvw_jax.transforms.reference_numpy`, the per-cube statement
+of the same procedures the way the original code does them (a Python loop over shuffle
+blocks, a 100,000-point Bezier curve with np.interp, scipy's gaussian_filter +
+map_coordinates), run in this one process on one core. Prints JSON lines:
   {"what": "transform/<name>" | "policy/<name>", "impl": "jax" | "numpy", "shape", "batch",
    "dtype", "device", "cubes_per_s"}
 and one line per policy with "what": "speedup/<policy>" and "ratio" (jax / numpy). The
@@ -27,103 +27,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
 from transvw_jax import hostenv
 from transvw_jax import transforms as T
-
-
-# --------------------------------------------------------------------------- numpy reference
-def np_nonlinear(rng, x):
-    p = rng.random((2, 2))
-    t = np.linspace(0.0, 1.0, 100_000)
-    w = np.stack([t**3, 3 * t**2 * (1 - t), 3 * t * (1 - t) ** 2, (1 - t) ** 3])
-    xs, ys = np.array([0, p[0, 0], p[1, 0], 1]) @ w, np.array([0, p[0, 1], p[1, 1], 1]) @ w
-    if rng.random() < 0.5:
-        xs = np.sort(xs)
-    else:
-        xs, ys = np.sort(xs), np.sort(ys)
-    return np.interp(x, xs, ys)
-
-
-def np_local_shuffle(rng, x, num_blocks):
-    out, shape = x.copy(), x.shape
-    kmax = [max(1, n // 10) for n in shape]
-    for _ in range(num_blocks):
-        s = [rng.integers(1, k + 1) for k in kmax]
-        o = [rng.integers(0, n - b + 1) for n, b in zip(shape, s, strict=True)]
-        region = tuple(slice(a, a + b) for a, b in zip(o, s, strict=True))
-        window = x[region].ravel().copy()
-        rng.shuffle(window)
-        out[region] = window.reshape(s)
-    return out
-
-
-def _np_margin_box(rng, shape, sizes):
-    origin = [rng.integers(min(3, n - s), max(min(3, n - s), n - s - 3) + 1)
-              for n, s in zip(shape, sizes, strict=True)]
-    return tuple(slice(o, o + s) for o, s in zip(origin, sizes, strict=True))
-
-
-def np_in_paint(rng, x, max_blocks):
-    out = x.copy()
-    for i in range(max_blocks):
-        if i and rng.random() >= 0.95:
-            break
-        sizes = [rng.integers(n // 6, n // 3 + 1) for n in x.shape]
-        box = _np_margin_box(rng, x.shape, sizes)
-        out[box] = rng.random(sizes)
-    return out
-
-
-def np_out_paint(rng, x, max_extra_blocks):
-    out = rng.random(x.shape).astype(x.dtype)
-    for i in range(1 + max_extra_blocks):
-        if i and rng.random() >= 0.95:
-            break
-        sizes = [n - rng.integers(3 * n // 7, 4 * n // 7 + 1) for n in x.shape]
-        box = _np_margin_box(rng, x.shape, sizes)
-        out[box] = x[box]
-    return out
-
-
-def np_flip(rng, x, y, prob=0.4, max_flips=3):
-    for _ in range(max_flips):
-        if rng.random() >= prob:
-            break
-        axis = rng.integers(0, 3)
-        x, y = np.flip(x, axis), np.flip(y, axis)
-    return x, y
-
-
-def np_elastic(rng, x, alpha=991.0, sigma=8.0):
-    dx = ndimage.gaussian_filter(rng.random(x.shape) * 2 - 1, sigma, mode="constant") * alpha
-    dy = ndimage.gaussian_filter(rng.random(x.shape) * 2 - 1, sigma, mode="constant") * alpha
-    gx, gy, gz = np.meshgrid(*[np.arange(n) for n in x.shape], indexing="ij")
-    return ndimage.map_coordinates(x, [gx + dx, gy + dy, gz], order=1, mode="reflect")
-
-
-def np_transvw(rng, x):
-    x = np_elastic(rng, x)
-    choice = rng.integers(0, 4)
-    if choice == 0:
-        return np_local_shuffle(rng, x, 5)
-    if choice == 1:
-        return np_nonlinear(rng, x)
-    if choice == 2:
-        return np_in_paint(rng, x, 1)
-    return np_out_paint(rng, x, 0)
-
-
-def np_genesis(rng, x):
-    x, _ = np_flip(rng, x, x)
-    if rng.random() < 0.5:
-        x = np_local_shuffle(rng, x, 10_000)
-    if rng.random() < 0.9:
-        x = np_nonlinear(rng, x)
-    if rng.random() < 0.9:
-        x = np_in_paint(rng, x, 5) if rng.random() < 0.2 else np_out_paint(rng, x, 4)
-    return x
+from transvw_jax.transforms import reference_numpy as R
 
 
 # --------------------------------------------------------------------------- cases
@@ -136,21 +43,21 @@ def cases(chunk: int, elastic_impl: str = "auto"):
     transvw_cfg.elastic.impl = elastic_impl
     flip_only = lambda k, x: T.flip(k, x, x, 0.4)[0]  # noqa: E731
     single = [
-        ("transform/nonlinear", T.nonlinear, np_nonlinear),
+        ("transform/nonlinear", T.nonlinear, R.nonlinear),
         ("transform/local_shuffle_5", functools.partial(T.local_shuffle, num_blocks=5),
-         functools.partial(np_local_shuffle, num_blocks=5)),
+         functools.partial(R.local_shuffle, num_blocks=5)),
         ("transform/local_shuffle_10000", functools.partial(T.local_shuffle, num_blocks=10_000),
-         functools.partial(np_local_shuffle, num_blocks=10_000)),
+         functools.partial(R.local_shuffle, num_blocks=10_000)),
         ("transform/in_paint_1", functools.partial(T.in_paint, max_blocks=1),
-         functools.partial(np_in_paint, max_blocks=1)),
+         functools.partial(R.in_paint, max_blocks=1)),
         ("transform/out_paint_1+4", functools.partial(T.out_paint, max_extra_blocks=4),
-         functools.partial(np_out_paint, max_extra_blocks=4)),
-        ("transform/flip", flip_only, lambda rng, x: np_flip(rng, x, x)[0]),
-        ("transform/elastic", functools.partial(T.elastic, impl=elastic_impl), np_elastic),
+         functools.partial(R.out_paint, max_extra_blocks=4)),
+        ("transform/flip", flip_only, lambda rng, x: R.flip(rng, x, x)[0]),
+        ("transform/elastic", functools.partial(T.elastic, impl=elastic_impl), R.elastic),
     ]
     return [(what, jax.vmap(fn), np_fn) for what, fn, np_fn in single] + [
-        ("policy/transvw", functools.partial(T.batch_policy, cfg=transvw_cfg), np_transvw),
-        ("policy/genesis", functools.partial(T.batch_policy, cfg=genesis_cfg), np_genesis),
+        ("policy/transvw", functools.partial(T.batch_policy, cfg=transvw_cfg), R.transvw),
+        ("policy/genesis", functools.partial(T.batch_policy, cfg=genesis_cfg), R.genesis),
     ]
 
 

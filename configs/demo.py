@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_classes = 16  # visual-word classes (ignored by unet3d); the paper: 44+
     config.model.bn = "reference"  # reference: batch statistics also at eval | standard
     config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
-    config.model.conv_impl = "auto"  # onednn or matmul on CPU, xla3d on GPU/TPU; or any of those, depth2d
+    config.model.conv_impl = "auto"  # onednn or matmul on CPU, xla3d on GPU/TPU; or any of those
 
     config.data = ml_collections.ConfigDict()
     # X, Y, Z; each divisible by 8. The reference cube is 64x64x32 (configs/luna16_*.py);

@@ -62,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.finetune.pretrained = "runs/demo"
     config.finetune.load = ("encoder", "decoder", "output")
     config.finetune.inference.overlap = 0.25
-    # ~3.4 patches/s on a 2-core CPU at width 8: 300 steps of 4 patches take ~6 min per run.
-    # Measured (from scratch, all 18 cases): validation patch Dice 0 up to step 150, 0.68 at 200.
+    # 300 steps: well past the point where a from-scratch run starts to find the nodules,
+    # and still minutes per run on a laptop CPU (figures: benchmarks/RESULTS.md).
     config.finetune.train.batch_size = 4
     config.finetune.train.steps = 300
     config.finetune.train.eval_every = 50

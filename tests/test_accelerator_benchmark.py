@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # compiles the real step
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accelerator.py"
 REQUIRED = ("what", "section", "impl", "shape", "dtype", "device", "cubes_per_s")

@@ -45,6 +45,7 @@ def _read(workdir):
             np.load(out / "embeddings.npy"), store.open_store(workdir / "store"))
 
 
+@pytest.mark.slow
 def test_store_holds_every_class_at_every_resolution(discovered):
     config, workdir = discovered
     _, _, embeddings, s = _read(workdir)
@@ -60,6 +61,7 @@ def test_store_holds_every_class_at_every_resolution(discovered):
     assert s.manifest["seeds"]["discovery"] == 0 and s.manifest["config"]["cube_shape"] == [16, 16, 8]
 
 
+@pytest.mark.slow
 def test_each_class_comes_from_the_nearest_patients_of_its_reference(discovered):
     config, workdir = discovered
     plan, patients, embeddings, s = _read(workdir)
@@ -81,6 +83,7 @@ def test_each_class_comes_from_the_nearest_patients_of_its_reference(discovered)
                 assert paths[ref] in nearest
 
 
+@pytest.mark.slow
 def test_coordinates_keep_borders_distance_and_avoid_air(discovered, phantoms):
     config, workdir = discovered
     plan, patients, _, s = _read(workdir)
@@ -110,6 +113,7 @@ def test_coordinates_keep_borders_distance_and_avoid_air(discovered, phantoms):
     np.testing.assert_allclose(store.decode_cubes(s.source("train")[i]["cube"]), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_a_byte_identical_store_and_another_seed_does_not(discovered, phantoms, tmp_path):
     config, workdir = discovered
     discovery.discover(_config(phantoms), tmp_path / "again")
@@ -244,6 +248,7 @@ def test_extra_resolutions_are_anchored_at_the_cube_corner_plus_the_offset():
     assert words.cut(volume, far, (16, 16, 8))[1] == (16, 16, 4)  # 25 + 24 > 40: clamped
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_clear_errors(phantoms, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no volumes"):

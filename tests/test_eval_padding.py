@@ -67,6 +67,7 @@ def batch8_run():
     return _run(8)
 
 
+@pytest.mark.slow
 def test_validation_loss_does_not_depend_on_the_padding(batch8_run):
     """6 real cubes in one batch of 8 (2 copies of cube 0) or of 16 (10 copies), the batch
     sharded over 8 devices (the global batch must divide by them): the same figures."""
@@ -80,6 +81,7 @@ def test_validation_loss_does_not_depend_on_the_padding(batch8_run):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_two_evaluations_of_one_pipeline_are_identical(batch8_run):
     """The run's one validation pass, iterated again, gives the same cubes in the same order."""
     config, mesh, run, variables = batch8_run
@@ -100,6 +102,7 @@ def test_two_evaluations_of_one_pipeline_are_identical(batch8_run):
     lambda: YNet3D(num_classes=3, width=2),  # the encoder, decoder and head: UNet3D's parts too
     lambda: EncoderClassifier(num_classes=3, width=2),
 ])
+@pytest.mark.slow
 def test_masked_rows_leave_the_real_rows_unchanged(make):
     """Every model: rows outside the mask (here garbage) change no output of the real rows,
     which equal a forward of the real rows alone; without a mask all rows count as before."""
@@ -121,6 +124,7 @@ def test_masked_rows_leave_the_real_rows_unchanged(make):
     assert not np.allclose(unmasked[0][:3], alone[0], atol=1e-4)  # without the mask the padding counts
 
 
+@pytest.mark.slow
 def test_finetune_eval_step_ignores_the_padding():
     """Fine-tuning's eval step (classification): 6 candidates in a batch of 6 or 8."""
     config = demo_finetune.get_config("runlocal")

@@ -30,6 +30,7 @@ def test_round_trip_is_exact(small_ynet):
     assert_trees_equal(export.from_torch_state_dict(export.to_torch_state_dict(variables)), variables)
 
 
+@pytest.mark.slow
 def test_state_dict_has_the_reference_keys_and_shapes():
     variables = init_variables(YNet3D(num_classes=44), jax.random.key(0))
     sd = export.to_torch_state_dict(variables)
@@ -79,6 +80,7 @@ def test_pt_export_matches_the_pytorch_reference(tmp_path, small_ynet, torch_mod
     np.testing.assert_allclose(u_restoration.numpy(), to_torch_layout(np.asarray(restoration)), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_full_width_parity_with_the_reference():
     """Width 32, the released architecture, on a small cube."""
     torch = pytest.importorskip("torch")

@@ -101,6 +101,7 @@ def test_classifier_takes_the_head_conv_and_reinitialises_the_dense(pretrained_y
     assert got["params/clc_out/fc1/kernel"].shape == (32 * WIDTH, 1)
 
 
+@pytest.mark.slow
 def test_transfer_errors_name_the_key(pretrained_ynet):
     wider = jax.device_get(init_variables(UNet3D(width=2 * WIDTH), jax.random.key(0)))
     with pytest.raises(CheckpointError, match=r"ckpt: params/down_tr\d+/.* has shape .* model.width"):
@@ -196,6 +197,7 @@ def test_a_changed_case_is_recached(labeled_dir, tmp_path):
 # --------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_segmentation_run_with_a_frozen_pretrained_encoder(labeled_dir, pretrain_workdir, pretrained_ynet,
                                                            tmp_path):
     """The encoder trains nothing and keeps exactly the pretrained arrays; the decoder moves;
@@ -239,6 +241,7 @@ def test_segmentation_run_with_a_frozen_pretrained_encoder(labeled_dir, pretrain
         finetune.finetune(config, tmp_path)
 
 
+@pytest.mark.slow
 def test_classification_run_reports_auc(labeled_dir, pretrain_workdir, tmp_path):
     config = tiny_config(labeled_dir, pretrain_workdir, task="classification",
                          candidates_csv=str(labeled_dir / "candidates.csv"), load=("encoder",),
@@ -320,6 +323,7 @@ def test_class_count_disagreeing_with_dataset_json(labeled_dir, pretrain_workdir
         finetune.finetune(config, tmp_path)
 
 
+@pytest.mark.slow
 def test_label_efficiency_stage_from_the_command_line(labeled_dir, pretrain_workdir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "transvw_jax.main", "--config", "configs/demo_finetune.py:runlocal",

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from transvw_jax.data import labeled, synthetic
+from transvw_jax.data import labeled, patches, synthetic
 from transvw_jax.errors import DataError
 
 
@@ -64,17 +64,37 @@ def test_every_bad_case_is_named(nnunet):
         labeled.read_nnunet(nnunet)
 
 
-def test_foreground_oversampling_and_determinism():
-    image = np.random.default_rng(0).random((40, 40, 20), dtype=np.float32)
-    label = np.zeros((40, 40, 20), np.int32)
+def _cached_case(tmp_path, name, image, label):
+    """A `patches.CachedCase` written directly (the files `patches.cache_cases` would write)."""
+    case = patches.CachedCase(name, tmp_path / f"{name}.image.npy", tmp_path / f"{name}.label.npy",
+                              tmp_path / f"{name}.fg.npy")
+    np.save(case.image, image)
+    np.save(case.label, label)
+    np.save(case.foreground, np.argwhere(label > 0).astype(np.int32))
+    return case
+
+
+def test_patch_source_oversamples_foreground_at_the_edge_and_pads_small_cases(tmp_path):
+    """The fine-tuning patch sampler: foreground-centred patches stay inside the volume and
+    keep a nodule in its corner, patches are a function of (seed, index), and a case
+    smaller than the patch is edge-padded (its label with background)."""
+    image = np.random.default_rng(0).integers(0, 65535, (40, 40, 20), dtype=np.uint16)
+    label = np.zeros((40, 40, 20), np.uint8)
     label[30:33, 5:8, 2:4] = 1  # a small nodule in a corner
-    x, y = labeled.sample_patches(image, label, (16, 16, 8), 10, 0.5, np.random.default_rng(1))
-    assert x.shape == (10, 16, 16, 8) and y.shape == (10, 16, 16, 8)
-    assert sum(int(p.any()) for p in y[:5]) == 5  # the oversampled half all contain the nodule
-    x2, _ = labeled.sample_patches(image, label, (16, 16, 8), 10, 0.5, np.random.default_rng(1))
-    np.testing.assert_array_equal(x, x2)
-    small, lab = labeled.sample_patches(image[:10], label[:10], (16, 16, 8), 2, 0.0, np.random.default_rng(0))
-    assert small.shape == (2, 16, 16, 8) and not lab.any()
+    case = _cached_case(tmp_path, "corner", image, label)
+    fg = patches.PatchSource([case], (16, 16, 8), 10, foreground_fraction=1.0, seed=1)
+    items = [fg[i] for i in range(len(fg))]
+    assert all(it["cube"].shape == (16, 16, 8) and it["label"].shape == (16, 16, 8) for it in items)
+    assert all(it["label"].sum() == label.sum() for it in items)  # the whole nodule, every time
+    again = patches.PatchSource([case], (16, 16, 8), 10, foreground_fraction=1.0, seed=1)
+    np.testing.assert_array_equal(again[3]["cube"], items[3]["cube"])
+    other = patches.PatchSource([case], (16, 16, 8), 10, foreground_fraction=0.0, seed=2)
+    assert any(not np.array_equal(other[i]["cube"], items[i]["cube"]) for i in range(10))
+
+    small = _cached_case(tmp_path, "small", image[:10], label[:10])  # no foreground, 10 < 16 along x
+    patch = patches.PatchSource([small], (16, 16, 8), 2, foreground_fraction=0.5, seed=0)[0]
+    assert patch["cube"].shape == (16, 16, 8) and not patch["label"].any()
+    np.testing.assert_array_equal(patch["cube"][10:], np.repeat(patch["cube"][9:10], 6, axis=0))
 
 
 def test_split_is_seeded_and_disjoint():
@@ -121,8 +141,6 @@ def test_segment_cases_writes_masks_with_the_input_affine_and_a_report(nnunet, t
 
 def test_cases_read_in_either_orientation_stay_paired(tmp_path):
     """An LPS-like case: "ras" flips image and label alike, "reference" keeps both as stored."""
-    from transvw_jax.data import patches
-
     rng = np.random.default_rng(0)
     hu = rng.integers(-1000, 1000, (12, 10, 8)).astype(np.int16)
     mask = np.zeros((12, 10, 8), np.uint8)

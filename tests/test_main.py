@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -22,10 +23,10 @@ sys.path.insert(0, str(REPO))
 from configs import demo  # noqa: E402
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
+def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "transvw_jax.main", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
     )
 
 
@@ -44,6 +45,7 @@ def tiny_config(**model):
     return config
 
 
+@pytest.mark.slow
 def test_demo_export_from_fresh_init(tmp_path):
     """The CLI writes both files from a fresh init (with a warning) and saves the config."""
     proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
@@ -63,6 +65,7 @@ def test_demo_export_from_fresh_init(tmp_path):
         np.testing.assert_array_equal(value.numpy(), from_safetensors[key])
 
 
+@pytest.mark.slow
 def test_export_stage_uses_the_latest_checkpoint(tmp_path):
     config = tiny_config()
     model = build_model(config.model)
@@ -76,9 +79,12 @@ def test_export_stage_uses_the_latest_checkpoint(tmp_path):
     assert_trees_equal(exported, newer)
 
 
+@pytest.mark.slow
 def test_the_tiny_demo_runs_end_to_end(tmp_path):
     """All four stages of the tiny demo, and everything the README says they leave behind."""
-    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path))
+    # Without the suite's shared compilation cache: the run keeps its own in the workdir.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path), env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "volumes").glob("phantom_*.nii.gz"))) == 12
     s = store.open_store(tmp_path / "store")
@@ -112,6 +118,7 @@ def test_discover_without_volumes_exits_1_naming_the_directory(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     narrow = build_model(tiny_config().model)
     checkpointing.save(tmp_path, 1, init_variables(narrow, jax.random.key(0)))

@@ -55,6 +55,7 @@ def straight(tiny_store, tmp_path_factory):  # noqa: F811
     return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_restart_ends_like_an_uninterrupted_run(
         straight, tiny_store, tmp_path):  # noqa: F811
     workdir = tmp_path / "run"
@@ -82,6 +83,7 @@ def test_sigterm_saves_the_current_step_and_the_restart_ends_like_an_uninterrupt
     _assert_equal(_params(straight, 8), _params(workdir, 8))
 
 
+@pytest.mark.slow
 def test_kill_between_a_best_save_and_its_latest_checkpoint_resumes_consistently(
         straight, tiny_store, tmp_path):  # noqa: F811
     # A run of the same command stopped at step 6 leaves what a kill at step 6 leaves
@@ -113,6 +115,7 @@ def test_kill_between_a_best_save_and_its_latest_checkpoint_resumes_consistently
         assert summaries[0]["best_step"] == summaries[1]["best_step"]
 
 
+@pytest.mark.slow
 def test_cloud_storage_urls_are_refused_in_one_line(tmp_path):
     for args, name in ((["--workdir", "gs://bucket/run"], "--workdir=gs://bucket/run"),
                        (["--workdir", str(tmp_path), "--config.data.store_dir=gs://bucket/store"],

@@ -111,6 +111,7 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_command_records_resolved_values_and_reuses_them(tmp_path):
     """Through the public door: config.json shows no "auto"; a second run in the same
     workdir, on another mesh, keeps the first run's choices."""

@@ -2,12 +2,14 @@
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from transvw_jax import samples
 from transvw_jax import transforms as T
 
 
+@pytest.mark.slow
 def test_transform_grid_has_a_row_per_transform_and_the_policy(tmp_path):
     cube = samples.phantom_cube((16, 16, 8), seed=1)
     assert cube.shape == (16, 16, 8) and cube.min() >= 0 and cube.max() <= 1

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transvw_jax import cube_ops, parallel, train
+from transvw_jax import parallel, train
 from transvw_jax import transforms as T
+from transvw_jax.transforms import cube_ops
+from transvw_jax.transforms.shuffle import tiled_shuffle_source
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,6 +57,7 @@ def whole_batch_collectives(hlo: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_train_step_holds_no_gather_of_the_batch(run):
     """Keys, decoded cubes, inputs, targets and transform ids stay split over the 8 devices.
     (A guard: today's compiler keeps them split even without the constraints.)"""
@@ -63,11 +66,13 @@ def test_train_step_holds_no_gather_of_the_batch(run):
     assert whole_batch_collectives(hlo) == []
 
 
+@pytest.mark.slow
 def test_eval_step_holds_no_gather_of_the_batch(run):
     hlo = run.steps.eval.lower(run.like_variables, _batch(run), RNG).compile().as_text()
     assert whole_batch_collectives(hlo) == []
 
 
+@pytest.mark.slow
 def test_samples_return_and_gather_only_the_cubes_drawn(run):
     """The samples step hands back SAMPLE_CUBES cubes, replicated; the rest of the batch never
     leaves its device."""
@@ -93,7 +98,7 @@ def test_computed_once_loops_only_on_the_cpu_backend(name):
     if name == "nonlinear":
         fn, args = T.nonlinear, (jax.random.key(0), jnp.zeros(SHAPE))
     else:
-        fn, args = (lambda k: T.tiled_shuffle_source(k, SHAPE, 200)), (jax.random.key(0),)
+        fn, args = (lambda k: tiled_shuffle_source(k, SHAPE, 200)), (jax.random.key(0),)
     assert cube_ops.trace_backend() == "cpu"  # outside `tracing_for`: jax.default_backend()
     assert _whiles(fn, *args) > 0
     for backend in ("gpu", "cuda", "tpu"):

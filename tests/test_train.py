@@ -57,6 +57,7 @@ def _run_steps(config, mesh, batches):
     return jax.device_get(variables), jax.device_get(m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [1, 2])
 def test_eight_devices_train_like_one(tiny_store, fsdp):
     """Same global batches and keys: 8 devices (optionally fsdp-sharded) == 1 device.
@@ -116,6 +117,7 @@ def _params(workdir, step):
     return flatten_dict(jax.device_get(restored[1]))
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_give_bit_identical_parameters(tiny_store, tmp_path):
     args = ("--config.train.steps=30", "--config.train.checkpoint_every=3", "--config.train.log_every=1",
             "--config.train.eval_every=10", "--config.train.keep_checkpoints=20")
@@ -144,6 +146,7 @@ def test_sigkill_and_resume_give_bit_identical_parameters(tiny_store, tmp_path):
     assert train_steps == list(range(1, 31))  # no step logged twice after the resume
 
 
+@pytest.mark.slow
 def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_store, tmp_path):
     proc = subprocess.run(_main_cmd(tmp_path, tiny_store, "--config.train.optimizer=sgd",
                                     "--config.train.learning_rate=1e15", "--config.train.steps=12",
@@ -159,6 +162,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tin
         assert np.isfinite(v).all()
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights(tiny_store):
     config = tiny_config(tiny_store)
     config.model.dtype = "bfloat16"
@@ -189,6 +193,7 @@ def test_epoch_schedule_converts_to_steps_of_the_training_source():
         train.schedule_in_steps(config, 7)
 
 
+@pytest.mark.slow
 def test_epoch_schedule_reaches_the_training_loop(tiny_store, tmp_path, caplog, monkeypatch):
     """40 training cubes / batch 8 = 5 steps per epoch: 2 epochs = 10 steps, evaluated every epoch.
     One validation pipeline serves both evaluations and the samples."""

@@ -1,23 +1,20 @@
 """Host settings for XLA:CPU that the entry points apply once, before JAX starts.
 
 1. Huge-page malloc, by re-executing the entry point once. Why: XLA allocates an
-execution's buffers afresh on every call, and glibc serves large allocations (above 32 MiB
-at most) with fresh mmap'd pages that the kernel faults in and zeroes 4 KiB at a time on
-first touch. Measured on the 2-core benchmark machine, the restoration transforms for a
-batch of 64 cubes fault 69-161 MiB per call (17,000-41,000 page faults), 15-25% of their
-time (`benchmarks/RESULTS.md`). glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask
-for transparent huge pages (the kernel's "madvise" mode, the common default): ~30x fewer
-faults. Tunables are read when a process starts, hence the re-execution. Nothing changes
-where it cannot apply: not Linux/glibc >= 2.35, transparent huge pages off, the tunable
-already set, or `TRANSVW_HUGEPAGE_MALLOC=0` in the environment.
+execution's buffers afresh on every call, and glibc serves large allocations with fresh
+mmap'd pages that the kernel faults in and zeroes 4 KiB at a time on first touch, a large
+share of the restoration transforms' time; glibc's `glibc.malloc.hugetlb=1` tunable makes
+malloc ask for transparent huge pages (the kernel's "madvise" mode, the common default),
+which takes far fewer faults (figures: `benchmarks/RESULTS.md`, transforms.py section).
+Tunables are read when a process starts, hence the re-execution. Nothing changes where it
+cannot apply: not Linux/glibc >= 2.35, transparent huge pages off, the tunable already
+set, or `TRANSVW_HUGEPAGE_MALLOC=0` in the environment.
 
 2. 512-bit vectors in XLA:CPU's generated code on CPUs with AVX-512
 (`--xla_cpu_prefer_vector_width=512` added to XLA_FLAGS; XLA's default is 256). Why: the
 transforms' fusions are long element-wise chains (hashes, masks, the elastic sampling),
-which then run in half the vector instructions. Measured on 2-core machines, batch 64 of
-64x64x32 (`benchmarks/RESULTS.md`): the TransVW policy +7% (Intel Xeon) and +12-18% (AMD
-EPYC), Models Genesis +13% / +8-15%, and the YNet3D training step +10% at width 8 and 32
-(AMD EPYC).
+which then run in half the vector instructions, and the training step gains too (figures:
+`benchmarks/RESULTS.md`, issue 3 third session).
 XLA_FLAGS is read when the backend starts, so this needs no re-execution. Not applied
 without `avx512f` in /proc/cpuinfo, when XLA_FLAGS already sets the width, or with
 `TRANSVW_AVX512_CODEGEN=0`.
@@ -25,8 +22,9 @@ without `avx512f` in /proc/cpuinfo, when XLA_FLAGS already sets the width, or wi
 Both help XLA:CPU only, so `prepare()` applies them only when `expected_backend()` says JAX
 will run on the CPU, and does nothing on GPU/TPU hosts.
 
-Library code never changes the process: only `prepare()`, called first thing by
-`python -m transvw_jax.main`, the `transvw-jax` script and the benchmarks, does.
+Library code never changes the process: only `prepare()`, called first thing by the
+command's entry point (`transvw_jax.main.run`, behind both `python -m transvw_jax.main` and
+the `transvw-jax` script) and by the benchmarks, does.
 """
 
 from __future__ import annotations

@@ -11,15 +11,10 @@ from __future__ import annotations
 import re
 import sys
 
-if __name__ == "__main__":  # before JAX is imported: see hostenv
-    from transvw_jax import hostenv
-
-    hostenv.prepare()
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from transvw_jax import stages
+from transvw_jax import hostenv
 from transvw_jax.errors import TransVWError
 
 FLAGS = flags.FLAGS
@@ -94,6 +89,8 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_hide_library_info)
+    from transvw_jax import stages  # imports JAX: only after hostenv.prepare() (see run)
+
     try:
         stages.run(FLAGS.config, _WORKDIR.value)
     except TransVWError as e:
@@ -101,9 +98,10 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console-script entry point (`transvw-jax`)."""
-    from transvw_jax import hostenv
+    """The entry point of both `python -m transvw_jax.main` and the `transvw-jax` script.
 
+    The host settings come first: `hostenv.prepare()` may re-execute the process, which is
+    cheap while JAX is not yet imported (this module imports it only in `main`)."""
     hostenv.prepare()
     app.run(main, flags_parser=_parse_flags)
 

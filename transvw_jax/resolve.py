@@ -87,16 +87,16 @@ def choose_elastic_impl(value: str, p: Platform, cube_shape: tuple[int, ...],
                         sigma: float) -> tuple[str, str]:
     """(transforms.elastic.impl for `p` and the cube, why); ConfigError when an explicit
     choice cannot run."""
-    from transvw_jax import elastic
+    from transvw_jax.transforms.elastic import NATIVE_MAX_RANK, native_fits
 
     if value == "native":
         if p.backend != "cpu":
             raise ConfigError(f"transforms.elastic.impl: 'native' runs on the CPU backend, not {p.backend}")
         if p.native_elastic:
             raise ConfigError(f"transforms.elastic.impl: 'native' cannot run here: {p.native_elastic}")
-        if not elastic.native_fits(cube_shape, sigma):
+        if not native_fits(cube_shape, sigma):
             raise ConfigError(f"transforms.elastic.impl: 'native' handles smoothing ranks <= "
-                              f"{elastic.NATIVE_MAX_RANK}; cube {cube_shape} with sigma {sigma} needs more "
+                              f"{NATIVE_MAX_RANK}; cube {cube_shape} with sigma {sigma} needs more "
                               "(use 'xla')")
     if value != "auto":
         return value, "as configured"
@@ -106,7 +106,7 @@ def choose_elastic_impl(value: str, p: Platform, cube_shape: tuple[int, ...],
         return "xla", f"{p.devices} CPU devices: a custom call would gather the sharded batch"
     if p.native_elastic:
         return "xla", f"native kernel unavailable: {p.native_elastic}"
-    if not elastic.native_fits(cube_shape, sigma):
+    if not native_fits(cube_shape, sigma):
         return "xla", f"cube {cube_shape} needs more smoothing ranks than the native kernel has"
     return "native", "one CPU device"
 

@@ -35,11 +35,11 @@ import numpy as np
 import optax
 
 from transvw_jax import checkpointing, metrics, multihost, parallel
-from transvw_jax import cube_ops as C
 from transvw_jax import transforms as T
 from transvw_jax.data import loader, store
 from transvw_jax.errors import ConfigError, Preempted, TransVWError
 from transvw_jax.models import abstract_variables, build_model, init_variables
+from transvw_jax.transforms import cube_ops as C
 
 OBJECTIVES = {"transvw": "ynet3d", "genesis": "unet3d"}
 OPTIMIZERS = ("adam", "sgd")

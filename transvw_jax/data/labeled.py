@@ -1,4 +1,4 @@
-"""Labeled data for fine-tuning: cases (image + label map), patches, candidate CSVs.
+"""Labeled data for fine-tuning: cases (image + label map), splits, candidate CSVs.
 
 Layouts read:
 - nnU-Net v2 raw: `imagesTr/{case}_0000.nii.gz`, `labelsTr/{case}.nii.gz`, `dataset.json`
@@ -108,35 +108,6 @@ def load_case(case: Case, num_classes: int, normalization: str = "ct",
         raise DataError(f"{case.label}: label value {high if high >= num_classes else int(values.min())} "
                         f"outside the {num_classes} classes of the dataset")
     return image.array, values
-
-
-def sample_patches(image: np.ndarray, label: np.ndarray, patch: Sequence[int], count: int,
-                   foreground_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`count` (image, label) patches; at least round(count * fraction) centred on foreground.
-
-    Foreground patches are centred on a uniformly drawn foreground voxel (shifted inside the
-    volume); the others start uniformly at random. A case without foreground gives only
-    random patches. Volumes smaller than the patch are edge-padded (labels with 0).
-    """
-    patch = tuple(int(p) for p in patch)
-    pad = [(0, max(0, p - s)) for s, p in zip(image.shape, patch, strict=True)]
-    if any(p[1] for p in pad):
-        image = np.pad(image, pad, mode="edge")
-        label = np.pad(label, pad)
-    shape = np.array(image.shape)
-    size = np.array(patch)
-    foreground = np.argwhere(label > 0)
-    n_fg = int(round(count * foreground_fraction)) if len(foreground) else 0
-    starts = []
-    for i in range(count):
-        if i < n_fg:
-            centre = foreground[rng.integers(len(foreground))]
-            start = np.clip(centre - size // 2, 0, shape - size)
-        else:
-            start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, size, strict=True)])
-        starts.append(start)
-    region = [tuple(slice(s, s + p) for s, p in zip(st, size, strict=True)) for st in starts]
-    return np.stack([image[r] for r in region]), np.stack([label[r] for r in region])
 
 
 def split_cases(names: Sequence[str], val_fraction: float, seed: int) -> dict[str, list[str]]:

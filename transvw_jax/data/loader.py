@@ -40,8 +40,7 @@ import grain
 import numpy as np
 
 # Reads are a pread plus numpy views: threads suffice (no GIL-bound decoding). More threads
-# than cores only add contention when the store is in the page cache (benchmarks/loader.py:
-# 8.6k cubes/s with 2 threads vs 3.7k with 8 on 2 cores).
+# than cores only add contention when the store is in the page cache (benchmarks/RESULTS.md).
 DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_PREFETCH = 8  # batches read ahead (Grain counts elements after batching)
 

@@ -63,7 +63,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Create the module described by a `config.model` section.
 
     Keys: name (unet3d | ynet3d | encoder_classifier), width, bn (reference | standard),
-    dtype (float32 | bfloat16), conv_impl (auto | xla3d | depth2d | matmul | onednn),
+    dtype (float32 | bfloat16), conv_impl (auto | xla3d | matmul | onednn),
     num_classes (ynet3d, encoder_classifier), out_channels and activation (unet3d:
     sigmoid | none). The command resolves "auto" once for the training mesh before any
     model is built (`transvw_jax.resolve`); a library caller that passes "auto" gets

@@ -43,7 +43,7 @@ def torch_default_init(fan_in: int):
     return init
 
 
-CONV_IMPLS = ("xla3d", "depth2d", "matmul", "onednn")
+CONV_IMPLS = ("xla3d", "matmul", "onednn")
 
 # Patch matrix of one slab of x-planes in the matmul form, at most this many bytes.
 _SLAB_BYTES = 16 << 20
@@ -63,10 +63,10 @@ def _patches(xp: jax.Array, start: int | jax.Array, planes: int, shape: tuple[in
     like kernel.reshape(k^3 * C, C_out).
 
     One slab covering the whole cube (small cubes) is built axis by axis (k shifts along
-    z, then y, then x: 3k small concatenations): XLA compiles that 2-3x faster than one
-    concatenation of k^3 views, which matters for small models (the tests). Slabs of a
-    large cube take the single k^3-view concatenation, which writes fewer bytes: 2x
-    faster at 64x64x32 (measured)."""
+    z, then y, then x: 3k small concatenations), which XLA compiles faster than one
+    concatenation of k^3 views, and compile time dominates for small models (the tests).
+    Slabs of a large cube take the single k^3-view concatenation, which writes fewer
+    bytes and runs faster (figures: benchmarks/RESULTS.md)."""
     b, sx, sy, sz, cin = shape
     slab = lax.dynamic_slice_in_dim(xp, start, planes + k - 1, axis=1)
     if planes == sx:
@@ -183,18 +183,16 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Arr
     """Stride-1 'same' 3D convolution (cross-correlation) of x (B, X, Y, Z, C_in) with
     kernel (kx, ky, kz, C_in, C_out), odd kernel sizes.
 
-    impl="xla3d" is XLA's 3D convolution. impl="onednn" (the CPU default where it can
-    run, see `default_conv_impl`) calls oneDNN's convolution, forward and both gradients,
-    through XLA FFI custom calls (`transvw_jax.native`), in float32, or bfloat16 on CPUs
-    with AVX-512 (other cases take the matmul form): YNet3D's training step 15.2 -> 7.6 s
-    on this project's 2-core AMD CPU (benchmarks/RESULTS.md), as fast as PyTorch's.
-    impl="matmul" computes it, and both its gradients (a custom VJP), as matmuls of patch
-    matrices built slab of x-planes by slab: the input gradient is the same correlation
-    of the output gradient with the kernel flipped and transposed, the kernel gradient
-    patches(x)^T @ g (training step 20.8 -> 13.6 s against xla3d on a 2-core Xeon).
-    impl="depth2d" writes it as kx 2D convolutions over (Y, Z) on depth-shifted slices,
-    summed (XLA:CPU sends 2D convolutions to YNNPACK): faster forward than xla3d, slower
-    autodiff backward.
+    impl="xla3d" is XLA's 3D convolution (cuDNN / the TPU compiler on accelerators).
+    impl="onednn" (the CPU default where it can run, see `default_conv_impl`) calls
+    oneDNN's convolution, forward and both gradients, through XLA FFI custom calls
+    (`transvw_jax.native`), in float32, or bfloat16 on CPUs with AVX-512 (other cases take
+    the matmul form): XLA:CPU's own 3D convolution runs on a generic path, and oneDNN's
+    kernels are the ones PyTorch uses on the CPU. impl="matmul" computes it, and both its
+    gradients (a custom VJP), as matmuls of patch matrices built slab of x-planes by slab:
+    the input gradient is the same correlation of the output gradient with the kernel
+    flipped and transposed, the kernel gradient patches(x)^T @ g; it is XLA's fastest CPU
+    path that keeps a sharded batch sharded. Step times of each: benchmarks/RESULTS.md.
     """
     if impl == "xla3d":
         return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
@@ -206,18 +204,7 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str = "xla3d") -> jax.Arr
         if not supported or kernel.dtype != x.dtype:
             return _conv3d_matmul(x, kernel)  # float32, and bfloat16 where the CPU has it
         return _conv3d_onednn(x, kernel)
-    if impl != "depth2d":
-        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-    b, sx, sy, sz, cin = x.shape
-    k = kernel.shape[0]
-    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0), (0, 0)))
-    out = None
-    for kx in range(k):
-        plane = xp[:, kx:kx + sx].reshape(b * sx, sy, sz, cin)
-        y = lax.conv_general_dilated(plane, kernel[kx], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        out = y if out is None else out + y
-    return out.reshape(b, sx, sy, sz, kernel.shape[-1])
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
 
 
 class Conv3D(nn.Module):
@@ -346,7 +333,7 @@ class BatchNorm(nn.Module):
 
 
 def max_pool_2x(x: jax.Array) -> jax.Array:
-    """2x2x2 max pooling with stride 2 as a reshape + max (several times faster than
-    nn.max_pool's reduce_window on XLA:CPU, forward and backward)."""
+    """2x2x2 max pooling with stride 2 as a reshape + max: XLA:CPU lowers it, forward and
+    backward, much faster than nn.max_pool's reduce_window."""
     b, sx, sy, sz, c = x.shape
     return x.reshape(b, sx // 2, 2, sy // 2, 2, sz // 2, 2, c).max(axis=(2, 4, 6))

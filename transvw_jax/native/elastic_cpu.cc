@@ -3,15 +3,15 @@
 //
 // Why: XLA:CPU emits the four data-dependent gathers of the bilinear sampling as a scalar
 // loop, and writes the full-size displacement field (a rank-r_z matmul) to memory before
-// reading it back: together ~26 ms per batch of 64 cubes of 64x64x32 on a 2-core Zen 4,
-// most of the TransVW policy's time. Here the field is evaluated voxel by voxel from its
+// reading it back: together most of the TransVW policy's time on a CPU
+// (benchmarks/RESULTS.md). Here the field is evaluated voxel by voxel from its
 // low-rank factors (never stored), the index and blend arithmetic runs on vectors along z
 // (contiguous in memory), and the four taps of a voxel come from one 16-byte load out of a
-// per-cube "tap pack" (see build_pack). The arithmetic is that of elastic.py's pure-JAX
-// path, which stays the definition (and the accelerators' implementation); the tests
-// compare the two.
+// per-cube "tap pack" (see build_pack). The arithmetic is that of transforms/elastic.py's
+// pure-JAX path, which stays the definition (and the accelerators' implementation); the
+// tests compare the two.
 //
-// Operands, all float32 (elastic.py's `_field_factors`):
+// Operands, all float32 (transforms/elastic.py's `_field_factors`):
 //   x     (..., X, Y, Z)            cubes
 //   core  (..., 2, RX, RY, RZ)      each cube's random core of its two displacement fields
 //   bx, by, bz  (X, RX), (Y, RY), (Z, RZ)   the smoothing bases, shared by all cubes (any
@@ -39,7 +39,8 @@ namespace {
 
 constexpr int kMaxRank = 64;
 // Voxels per chunk: one register per quantity, 512, 256 or 128 bits (vectors wider than
-// the registers made the tap transposes 3.5-4x slower: measured with AVX2 and SSE2 builds).
+// the registers turn the tap transposes into memory shuffles, several times slower:
+// benchmarks/RESULTS.md).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX__)
@@ -121,8 +122,8 @@ inline int32_t reflect_any(int32_t i, int32_t n) {
 // The four taps of a bilinear sample, (x[p, q], x[p, q'], x[p', q], x[p', q']) with p' =
 // reflect(p + 1), q' = reflect(q + 1), side by side for every voxel (p, q, k): a cube's
 // "tap pack", 4x its size. One 16-byte load then fetches all four taps of a voxel, where
-// the plain layout needs four scattered loads (vector gathers were no faster than those on
-// Zen 4): measured 2.3-2.7 against 5.1-5.4 ns per voxel on one core, pack included.
+// the plain layout needs four scattered loads (vector gathers were no faster than those
+// where measured); building the pack costs less than it saves (benchmarks/RESULTS.md).
 void build_pack(const float* __restrict x, int64_t sx, int64_t sy, int64_t sz, float* __restrict pack) {
   for (int64_t i = 0; i < sx; ++i)
     for (int64_t j = 0; j < sy; ++j) {

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transvw_jax import cube_ops as C
 from transvw_jax import native
+from transvw_jax.transforms import cube_ops as C
 
 ELASTIC_IMPLS = ("auto", "xla", "native")
 # The native kernel's limit on the smoothing ranks (elastic_cpu.cc: kMaxRank; about n / sigma

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transvw_jax import cube_ops as C
+from transvw_jax.transforms import cube_ops as C
 
 # Up to this many blocks the local shuffle follows the reference block by block; above it,
 # the tiling formulation (see `local_shuffle`) keeps the cost at a few passes over the cube.
@@ -43,9 +43,9 @@ def _block_permutations(key, volume, slots: int):
     volume[b] entries of a row of `slots` (the rest keep the slots after them).
 
     A permutation is the order of random sort keys. Sorting the keys with the slot index
-    packed into their low bits (one uint32 array, XLA:CPU's fast single-operand sort) is
-    ~5x cheaper on CPU than an argsort (measured 0.6 vs 3.0 ms for 64 cubes x 5 blocks x
-    108 slots). The random part is then 32 - ceil(log2(slots)) bits (25 at 64x64x32): two
+    packed into their low bits (one uint32 array, XLA:CPU's fast single-operand sort)
+    costs a fraction of an argsort on CPU (benchmarks/RESULTS.md). The random part is then
+    32 - ceil(log2(slots)) bits (25 at 64x64x32): two
     slots of a block tie with probability 2^-25, and a tie keeps slot order, so the
     permutation is uniform up to ~slots^2 / 2^26 (< 2e-4 per block here). Blocks of more
     than _PACKED_SORT_MAX_SLOTS slots (cubes above ~160 voxels per side) use the argsort.
@@ -133,7 +133,7 @@ def _segments(key, n: int, kmax: int, rows: int = 1):
     then lies in a segment of length k with probability proportional to k/(n - k + 1),
     which is how likely a reference block of size k (origin uniform in [0, n - k]) is to
     cover it. The draws are counter hashes (cube_ops.hash_uniform) compared with the
-    cumulative distribution: ~10x cheaper on CPU than threefry's categorical."""
+    cumulative distribution, far cheaper on CPU than threefry's categorical."""
     k = np.arange(1, kmax + 1)
     prob = 1.0 / (n - k + 1.0)
     cdf = jnp.asarray(np.cumsum(prob / prob.sum())[:-1], jnp.float32)
@@ -281,16 +281,15 @@ def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int) -> jax.Array:
     than fragments of overlapping blocks.
 
     Across cubes, the reference's share of moved voxels is a sum over 10,000 independent
-    blocks and varies little (standard deviation 0.0037 over cubes at 64x64x32). Two
-    per-cube global quantities made a tiling's share vary ~2.5 times more (0.0091): a
-    product grid's per-axis cuts (~18 random lengths set every tile's volume) and the
-    independent whole-tile coverage draws (~3,000 tiles, not ~130,000 voxels, share the
-    luck). So the tiling is nested (each x slab cuts y anew, each column z anew: the
-    same per-voxel distribution of tile sizes) and tiles are drawn by systematic
-    sampling per volume class (each still with its exact probability, the count per
-    class fixed to within one): 0.0041, see tests/test_transforms.py. Cost: per-axis
-    segment tables, a few random values and running sums per tile, two gathers of
-    per-column tables and one of the cube.
+    blocks and varies little. A product grid's per-axis cuts (a few random lengths set
+    every tile's volume) and independent whole-tile coverage draws (thousands of tiles,
+    not ~130,000 voxels, share the luck) would make it vary several times more. So the
+    tiling is nested (each x slab cuts y anew, each column z anew: the same per-voxel
+    distribution of tile sizes) and tiles are drawn by systematic sampling per volume
+    class (each still with its exact probability, the count per class fixed to within
+    one), which brings the spread to the reference's (tests/test_transforms.py; figures in
+    benchmarks/RESULTS.md). Cost: per-axis segment tables, a few random values and running
+    sums per tile, two gathers of per-column tables and one of the cube.
     """
     shape = tuple(x.shape)
     if num_blocks <= 0:

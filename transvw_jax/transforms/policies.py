@@ -1,6 +1,7 @@
-"""On-device restoration transforms of TransVW and Models Genesis (docs/REFERENCE.md section 3).
+"""The restoration policies of TransVW and Models Genesis (docs/REFERENCE.md section 3), their
+configuration and its validation, and `batch_policy`, the form the train step calls.
 
-Every function works on ONE cube `x` of shape (X, Y, Z) with values in [0, 1], takes its
+Every transform works on ONE cube `x` of shape (X, Y, Z) with values in [0, 1], takes its
 own PRNG key, has static shapes (masks and gathers, never data-dependent slicing), and
 preserves the dtype; a batch is `jax.vmap` over keys and cubes. The arithmetic is float32
 whatever the storage dtype.
@@ -13,8 +14,7 @@ Policies return `(input, target, transform_id)`:
   transform_id is a bit mask, bit `1 << T` set for each transform T applied (FLIP=4).
 
 Where the reference draws python `randint(a, b)` (both ends included), `cube_ops.randint`
-adds 1 to the upper bound for `jax.random.randint`. The local shuffle lives in shuffle.py,
-the elastic deformation in elastic.py; both are re-exported here.
+adds 1 to the upper bound for `jax.random.randint`.
 """
 
 from __future__ import annotations
@@ -26,25 +26,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transvw_jax import cube_ops as C
-from transvw_jax.elastic import ELASTIC_IMPLS, elastic, elastic_at, elastic_displacement
-from transvw_jax.elastic import check_impl as check_elastic_impl
-from transvw_jax.elastic import resolve_impl as resolve_elastic_impl
-from transvw_jax.shuffle import (
+from transvw_jax.transforms import cube_ops as C
+from transvw_jax.transforms.elastic import ELASTIC_IMPLS, elastic, elastic_at
+from transvw_jax.transforms.elastic import check_impl as check_elastic_impl
+from transvw_jax.transforms.elastic import resolve_impl as resolve_elastic_impl
+from transvw_jax.transforms.flip import flip_axes, flip_coords
+from transvw_jax.transforms.intensity import apply_table, nonlinear_curve
+from transvw_jax.transforms.painting import paint_where
+from transvw_jax.transforms.shuffle import (
     EXACT_SHUFFLE_MAX_BLOCKS,
     exact_shuffle,
     local_shuffle,
-    shuffle_blocks,
     tiled_shuffle_source,
 )
-
-__all__ = [
-    "ELASTIC_IMPLS", "EXACT_SHUFFLE_MAX_BLOCKS", "FLIP", "IN_PAINT", "NONLINEAR", "OUT_PAINT", "POLICIES",
-    "SHUFFLE", "TRANSFORM_NAMES", "CPU_BATCH_CHUNK", "apply_policy", "batch_policy", "default_config",
-    "elastic", "elastic_at", "elastic_displacement", "flip", "flip_axes", "genesis", "in_paint",
-    "in_paint_blocks", "local_shuffle", "nonlinear", "nonlinear_curve", "out_paint", "out_paint_blocks",
-    "resolve_batch_chunk", "resolve_elastic_impl", "shuffle_blocks", "transvw", "validate_config",
-]
 
 SHUFFLE, NONLINEAR, IN_PAINT, OUT_PAINT, FLIP = range(5)
 TRANSFORM_NAMES = ("local_shuffle", "nonlinear", "in_paint", "out_paint", "flip")
@@ -103,141 +97,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         check_elastic_impl(impl)
 
 
-# --------------------------------------------------------------------------- non-linear
-def _bernstein(p1: jax.Array, p2: jax.Array, s: jax.Array) -> jax.Array:
-    """One coordinate of the reference's cubic Bezier through 0, p1, p2, 1 at parameter s,
-    in the reference's Bernstein order (point i weighs C(3, i) s^(3-i) (1-s)^i): the curve
-    runs from the end point 1 at s = 0 to the origin at s = 1."""
-    u = 1.0 - s
-    return 3.0 * s * s * u * p1 + 3.0 * s * u * u * p2 + u * u * u
-
-
-def nonlinear_curve(key: jax.Array, size: int = 1025, iters: int = 24):
-    """The reference's random intensity curve as a lookup table on a uniform grid of [0, 1].
-
-    A cubic Bezier through (0,0), p1, p2, (1,1), p1 and p2 uniform in [0,1]^2. The
-    reference samples it at 100,000 values of s, sorts the x samples and (half the time)
-    the y samples, and interpolates. With control points in [0,1] each coordinate is
-    monotone in s (the derivative is a quadratic form that is non-negative on [0,1]), so
-    the sorts only reverse the order: the curve maps g = X(s) to Y(s), or to Y(1 - s) when
-    only x is sorted (a decreasing curve, "inverted"). Here s is solved from X(s) = g for
-    every grid value g by `iters` bisection steps (float32 resolution), which is the
-    exact curve where the reference has a piecewise-linear approximation of it, and is
-    ~7x cheaper on CPU than sampling, sorting and interpolating 1,024 points (measured:
-    0.03 vs 0.2 ms per cube). The bisection is unrolled (a rolled loop runs its 24 small
-    steps one by one) and wrapped in `cube_ops.computed_once`, so that the table is
-    computed once, never re-fused into the per-voxel lookup. The table is monotone and
-    maps {0, 1} onto {0, 1} exactly.
-
-    Returns:
-      (table of `size` values, inverted flag).
-    """
-    k_points, k_invert = jax.random.split(key)
-    p = jax.random.uniform(k_points, (2, 2))
-    inverted = jax.random.uniform(k_invert) < 0.5
-    g = jnp.linspace(0.0, 1.0, size)
-
-    def solve():
-        lo, hi = jnp.zeros(size), jnp.ones(size)
-        for _ in range(iters):  # unrolled: one fused pass instead of a loop of small steps
-            mid = 0.5 * (lo + hi)
-            right = _bernstein(p[0, 0], p[1, 0], mid) > g  # X decreases in s: the root is right of mid
-            lo, hi = jnp.where(right, mid, lo), jnp.where(right, hi, mid)
-        s = 0.5 * (lo + hi)
-        table = _bernstein(p[0, 1], p[1, 1], jnp.where(inverted, 1.0 - s, s))
-        ends = jnp.where(inverted, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
-        return table.at[0].set(ends[0]).at[-1].set(ends[1])
-
-    return C.computed_once(k_invert, solve), inverted
-
-
-def _apply_table(table: jax.Array, x: jax.Array) -> jax.Array:
-    pos = jnp.clip(x.astype(jnp.float32), 0.0, 1.0) * (table.shape[0] - 1)
-    i = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, table.shape[0] - 2)
-    frac = pos - i
-    return table[i] * (1 - frac) + table[i + 1] * frac
-
-
-def nonlinear(key: jax.Array, x: jax.Array) -> jax.Array:
-    """Map every voxel through a random Bezier intensity curve (see `nonlinear_curve`)."""
-    table, _ = nonlinear_curve(key)
-    return _apply_table(table, x).astype(x.dtype)
-
-
-
-# --------------------------------------------------------------------------- painting
-def in_paint_blocks(key: jax.Array, shape, max_blocks: int, continue_prob: float = 0.95):
-    """Blocks of size randint(n//6, n//3) at randint(3, n - size - 3), per axis. The first
-    is always there; each further one with probability `continue_prob` while the previous
-    ones were. Returns (origins, sizes, present)."""
-    k_size, k_pos, k_more = jax.random.split(key, 3)
-    n = np.asarray(shape)
-    size = C.randint(k_size, (max_blocks, 3), n // 6, n // 3)
-    origin = C.margin_positions(k_pos, shape, size)
-    more = jax.random.uniform(k_more, (max_blocks,)) < continue_prob
-    present = jnp.cumprod(more.at[0].set(True)).astype(bool)
-    return origin, size, present
-
-
-def out_paint_blocks(key: jax.Array, shape, max_extra_blocks: int, continue_prob: float = 0.95):
-    """Kept blocks of size n - randint(3n//7, 4n//7) at randint(3, n - size - 3): one, then
-    up to `max_extra_blocks` more, each with probability `continue_prob` while the previous
-    ones were. Returns (origins, sizes, present)."""
-    k_size, k_pos, k_more = jax.random.split(key, 3)
-    n = np.asarray(shape)
-    size = n - C.randint(k_size, (1 + max_extra_blocks, 3), 3 * n // 7, 4 * n // 7)
-    origin = C.margin_positions(k_pos, shape, size)
-    more = jax.random.uniform(k_more, (1 + max_extra_blocks,)) < continue_prob
-    present = jnp.cumprod(more.at[0].set(True)).astype(bool)
-    return origin, size, present
-
-
-def _noise(key, x):
-    """Uniform noise in [0, 1), one value per voxel."""
-    return C.hash_uniform(jax.random.fold_in(key, 7), jnp.arange(x.size).reshape(x.shape))
-
-
-def in_paint(key: jax.Array, x: jax.Array, max_blocks: int) -> jax.Array:
-    """Replace random blocks by uniform noise (TransVW: 1 block; Models Genesis: up to 5)."""
-    mask = C.union_of_boxes(x.shape, *in_paint_blocks(key, x.shape, max_blocks))
-    return jnp.where(mask, _noise(key, x), x.astype(jnp.float32)).astype(x.dtype)
-
-
-def out_paint(key: jax.Array, x: jax.Array, max_extra_blocks: int) -> jax.Array:
-    """Replace everything by uniform noise except random kept blocks (1 + up to extras)."""
-    mask = C.union_of_boxes(x.shape, *out_paint_blocks(key, x.shape, max_extra_blocks))
-    return jnp.where(mask, x.astype(jnp.float32), _noise(key, x)).astype(x.dtype)
-
-
-# --------------------------------------------------------------------------- flip
-def flip_axes(key: jax.Array, prob: float, max_flips: int = 3):
-    """The reference's flips: while u < prob (at most max_flips times) flip a random axis.
-    Returns (per-axis parity of flips (3,) bool, whether any flip happened)."""
-    k_u, k_axis = jax.random.split(key)
-    happened = jnp.cumprod(jax.random.uniform(k_u, (max_flips,)) < prob)
-    axes = jax.random.randint(k_axis, (max_flips,), 0, 3)
-    parity = jnp.zeros((3,), jnp.int32).at[axes].add(happened.astype(jnp.int32)) % 2
-    return parity.astype(bool), happened[0].astype(bool) if max_flips else jnp.array(False)
-
-
-def flip(key: jax.Array, x: jax.Array, y: jax.Array, prob: float = 0.4, max_flips: int = 3):
-    """Flip input and target along the same random axes (Models Genesis)."""
-    parity, _ = flip_axes(key, prob, max_flips)
-    for a in range(3):
-        x = jnp.where(parity[a], jnp.flip(x, a), x)
-        y = jnp.where(parity[a], jnp.flip(y, a), y)
-    return x, y
-
-
-
 # --------------------------------------------------------------------------- policies
 def _paint(key, x, active, inner, cfg):
-    """in_paint(key, x) where `inner`, out_paint(key, x) elsewhere, x where not `active`:
-    one mask and one noise field instead of both transforms' outputs."""
-    shape = x.shape
-    holes = C.union_of_boxes(shape, *in_paint_blocks(key, shape, cfg.in_paint.max_blocks))
-    kept = C.union_of_boxes(shape, *out_paint_blocks(key, shape, cfg.out_paint.max_extra_blocks))
-    return jnp.where(active & jnp.where(inner, holes, ~kept), _noise(key, x), x)
+    return paint_where(key, x, active, inner, cfg.in_paint.max_blocks, cfg.out_paint.max_extra_blocks)
 
 
 def _shuffle_where(key, x, do, num_blocks, read=None):
@@ -270,7 +132,7 @@ def transvw(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     weights = np.asarray(cfg.choice_weights, np.float32)
     choice = jax.random.choice(k_choice, 4, p=jnp.asarray(weights / weights.sum())).astype(jnp.int32)
     x = _shuffle_where(k_t, x, choice == SHUFFLE, cfg.local_shuffle.num_blocks, read)
-    x = jnp.where(choice == NONLINEAR, _apply_table(nonlinear_curve(k_t)[0], x), x)
+    x = jnp.where(choice == NONLINEAR, apply_table(nonlinear_curve(k_t)[0], x), x)
     x = _paint(k_t, x, choice >= IN_PAINT, choice == IN_PAINT, cfg)
     return x.astype(dtype), target, choice
 
@@ -290,11 +152,11 @@ def genesis(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     if cfg.local_shuffle.num_blocks > EXACT_SHUFFLE_MAX_BLOCKS:
         src = tiled_shuffle_source(k_shuffle, shape, cfg.local_shuffle.num_blocks)
         src = [jnp.where(do_shuffle, s, g) for s, g in zip(src, C.grid(shape), strict=True)]
-        x = flat[C.flat_index(shape, *_flip_coords(parity, shape, src))].astype(jnp.float32)
+        x = flat[C.flat_index(shape, *flip_coords(parity, shape, src))].astype(jnp.float32)
     else:
         x = exact_shuffle(k_shuffle, target.astype(jnp.float32), cfg.local_shuffle.num_blocks, do_shuffle)
     do_nonlinear = u[1] < cfg.nonlinear.prob
-    x = jnp.where(do_nonlinear, _apply_table(nonlinear_curve(k_nonlinear)[0], x), x)
+    x = jnp.where(do_nonlinear, apply_table(nonlinear_curve(k_nonlinear)[0], x), x)
     do_paint = u[2] < cfg.paint.prob
     inner = u[3] < cfg.paint.inpaint_prob
     x = _paint(k_paint, x, do_paint, inner, cfg)
@@ -305,14 +167,10 @@ def genesis(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
     return x.astype(dtype), target, bits
 
 
-def _flip_coords(parity, shape, coords):
-    return [jnp.where(p, n - 1 - c, c) for p, n, c in zip(parity, shape, coords, strict=True)]
-
-
 def genesis_target(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
     """The target `genesis(key, x, cfg)` returns: x with the same flips as the input."""
     parity, _ = flip_axes(jax.random.split(key, 5)[0], cfg.flip.prob, cfg.flip.max_flips)
-    return x.reshape(-1)[C.flat_index(x.shape, *_flip_coords(parity, x.shape, C.grid(x.shape)))]
+    return x.reshape(-1)[C.flat_index(x.shape, *flip_coords(parity, x.shape, C.grid(x.shape)))]
 
 
 def transvw_target(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -332,13 +190,11 @@ def apply_policy(key: jax.Array, x: jax.Array, cfg: ml_collections.ConfigDict):
 
 
 # Cubes per chunk on the CPU backend, per policy (0: the whole batch in one vmap). The
-# best chunk depends on the CPU's caches. Measured (benchmarks/transforms.py --chunk N,
-# batch 64 of 64x64x32, huge-page malloc): on a 2-core Intel Xeon, TransVW 1,150-1,240
-# cubes/s in chunks of 8-32 against ~1,060 in one vmap; on a 2-core AMD EPYC (Zen 4, with
-# 512-bit vectors, see hostenv) the other way round, 1,760-1,810 in one vmap against
-# 1,420-1,540 in chunks of 16. Models Genesis is best in one vmap on both (the fusion that
-# writes a chunk into the loop's output runs on one thread). One vmap, the accelerators'
-# path, is the default; `transforms.batch_chunk` picks chunks. See benchmarks/RESULTS.md.
+# best chunk depends on the CPU's caches and vector width, and differs between CPUs
+# (benchmarks/RESULTS.md, `benchmarks/transforms.py --chunk N`); Models Genesis gains
+# nothing from chunks because the fusion that writes a chunk into the loop's output runs
+# on one thread. One vmap, the accelerators' path, is the default; `transforms.batch_chunk`
+# picks chunks.
 CPU_BATCH_CHUNK = {"transvw": 0, "genesis": 0}
 
 

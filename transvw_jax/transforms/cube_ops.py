@@ -105,8 +105,8 @@ def _mix32(h: jax.Array) -> jax.Array:
 def hash_bits(key: jax.Array, counter: jax.Array) -> jax.Array:
     """32 random bits per entry of `counter` (distinct uint32 ids), keyed by `key`.
 
-    Why not jax.random.uniform: full-cube draws dominated the cost of the transforms on
-    CPU (threefry, measured here: 1.1 ms per 64x64x32 cube, 0.11 ms for this hash). The
+    Why not jax.random.uniform: full-cube threefry draws dominated the cost of the
+    transforms on CPU, an order of magnitude above this hash (benchmarks/RESULTS.md). The
     key's own threefry bits seed a counter-based hash (two rounds of the MurmurHash3
     finaliser), the construction of counter-based generators; its outputs are uniform and
     uncorrelated between neighbouring counters, which is all that noise filling and
