@@ -128,3 +128,19 @@ def test_cloud_storage_urls_are_refused_in_one_line(tmp_path):
         assert last.startswith(f"error: {name}: cloud-storage URLs"), proc.stderr
     assert not (REPO / "gs:").exists()
     assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_a_process_that_cannot_see_the_agreed_resume_step_stops_with_one_line(tmp_path, monkeypatch):
+    """Process 0 resumes from step 8; this process's view of the directory (a per-host disk, a
+    stale network file system) has no step 8: the job stops naming the directory and step."""
+    from transvw_jax import multihost
+    from transvw_jax.errors import CheckpointError
+
+    monkeypatch.setattr(multihost, "from_process_zero", lambda name, value: "8")
+    ckpt = checkpointing.RunCheckpointer(tmp_path)
+    try:
+        with pytest.raises(CheckpointError, match=r"checkpoints: process 0 resumes from step 8, which "
+                                                  r"process 0 \(its latest: None\) cannot see"):
+            ckpt.latest_step()
+    finally:
+        ckpt.close()

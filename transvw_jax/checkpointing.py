@@ -216,8 +216,7 @@ class RunCheckpointer:
         agreed = multihost.from_process_zero("resume-step", str(-1 if mine is None else mine))
         step = None if int(agreed) < 0 else int(agreed)
         visible = step is None or step in self._latest.all_steps(read=True)
-        views = multihost.gather("resume-visible", "1" if visible else f"0 {mine}")
-        blind = [(i, v.split(" ", 1)[1]) for i, v in enumerate(views) if not v.startswith("1")]
+        blind = multihost.processes_failing("resume-visible", visible, str(mine))
         if blind:
             who = ", ".join(f"process {i} (its latest: {latest})" for i, latest in blind)
             raise CheckpointError(
@@ -242,7 +241,7 @@ class RunCheckpointer:
                 newer = step.isdigit() and resume_step is not None and int(step) > resume_step
                 unfinished = "tmp" in child.name
                 if newer or unfinished or (resume_step is None and step.isdigit()):
-                    logging.info("checkpoints: removing %s (newer than the step resumed from)", child)
+                    logging.info("checkpoints: removing %s (unfinished, or after the resume step)", child)
                     shutil.rmtree(child, ignore_errors=True)
         multihost.barrier("best-cleaned")
         self._best = ocp.CheckpointManager(self._best_dir, options=self._options(2, "best"),

@@ -208,6 +208,13 @@ def gather(name: str, value: str) -> list[str]:
     return [client.blocking_key_value_get(f"{key}/{i}", STAGE_WAIT_MS) for i in range(jax.process_count())]
 
 
+def processes_failing(name: str, ok: bool, detail: str = "") -> list[tuple[int, str]]:
+    """(process index, its `detail`) for every process whose `ok` is false; the same list on
+    every process, so that all of them can stop with the same line."""
+    views = gather(name, f"{int(ok)} {detail}")
+    return [(i, v.split(" ", 1)[1]) for i, v in enumerate(views) if not v.startswith("1")]
+
+
 def from_process_zero(name: str, value: str) -> str:
     """Process 0's `value`, on every process: one decision where each process could make
     its own (e.g. from a file system that shows them different things)."""
@@ -255,13 +262,13 @@ def check_shared_directory(directory: Path, what: str) -> None:
         if seen or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    views = gather("shared-seen", f"{int(seen)} {socket.gethostname()}")
+    blind = processes_failing("shared-seen", seen, socket.gethostname())
     if index == 0:
         probe.unlink(missing_ok=True)
-    blind = [(i, v.split(" ", 1)[1]) for i, v in enumerate(views) if not v.startswith("1")]
     if blind:
         who = ", ".join(f"process {i} (host {host})" for i, host in blind)
-        raise ConfigError(f"{what} {directory} is not shared by all {len(views)} processes: {who} cannot see "
+        count = jax.process_count()
+        raise ConfigError(f"{what} {directory} is not shared by all {count} processes: {who} cannot see "
                           f"the file process 0 wrote there; put it on storage every process mounts at the "
                           f"same path (NFS, Filestore, gcsfuse)")
 
