@@ -1,10 +1,11 @@
 """One accelerator check: the project's real pretraining step, its transforms, loader and inference.
 
 Sections (every measurement is one JSON line, printed and flushed as soon as it is measured):
-  train_step  the project's real step (`train.build_run(config, mesh).steps.train`: uint16 cubes in,
-              decoded and transformed on the device with the TransVW policy, YNet3D, Adam with the
-              default schedule) in bfloat16 and float32 at batch 8, 16, 32, 64 (width 32, 64x64x32),
-              with MFU against the device's dense peak
+  train_step  the project's real step (`pretraining.build_run(config, mesh).steps.train`,
+              (TrainState, batch) -> (TrainState, metrics): uint16 cubes in, decoded and transformed
+              on the device with the TransVW policy, YNet3D, Adam with the default schedule) in
+              bfloat16 and float32 at batch 8, 16, 32, 64 (width 32, 64x64x32), with MFU against the
+              device's dense peak
   end_to_end  the same step fed by the Grain loader from a temporary uint16 store, over the bare
               step on one fixed device batch (benchmarks/end_to_end.py's loops)
   profile     with --profile DIR only: a jax.profiler trace of a few bf16 batch-64 steps, and the
@@ -86,9 +87,10 @@ import numpy as np
 import train_step
 import transforms as transforms_bench
 
-from transvw_jax import hostenv, parallel, resolve, train
+from transvw_jax import hostenv, parallel, resolve, training
 from transvw_jax import transforms as T
 from transvw_jax.data import loader, store
+from transvw_jax.tasks import pretraining
 
 SECTIONS = ("train_step", "end_to_end", "profile", "transforms", "inference")
 POLICIES = ("transvw", "genesis")
@@ -186,8 +188,8 @@ def finalize_config(config: ml_collections.ConfigDict, mesh) -> ml_collections.C
 
 
 def step_config(sizes: Sizes, batch: int, dtype: str, mesh, **model: Any) -> ml_collections.ConfigDict:
-    """The real step's config (train_step.real_config: the model, train and transforms sections of
-    configs/luna16_transvw.py, TransVW with its defaults), finalised for `mesh`."""
+    """The real step's config (train_step.real_config: YNet3D, the train section of the base
+    config configs/default.py, TransVW's default transforms), finalised for `mesh`."""
     ns = argparse.Namespace(width=sizes.width, num_classes=sizes.num_classes, conv_impl="auto")
     config = train_step.real_config(ns, batch, dtype)
     config.model.update(model)
@@ -195,7 +197,7 @@ def step_config(sizes: Sizes, batch: int, dtype: str, mesh, **model: Any) -> ml_
     return finalize_config(config, mesh)
 
 
-def resolved(config: ml_collections.ConfigDict, run: train.Run | None, cube: Sequence[int]) -> dict:
+def resolved(config: ml_collections.ConfigDict, run: training.Run | None, cube: Sequence[int]) -> dict:
     """What the "auto" values of `config` came to (reported on every line that depends on them)."""
     t = config.transforms
     out = {"batch_chunk": T.resolve_batch_chunk(t)}
@@ -264,23 +266,22 @@ class Runner:
 
 @dataclasses.dataclass
 class Case:
-    """One compiled real step (batch, dtype) with its live state (the step donates it)."""
+    """One compiled real step (batch, dtype) with its live TrainState (the step donates it)."""
 
     batch: int
     dtype: str
     config: ml_collections.ConfigDict
-    run: train.Run
+    run: training.Run
     compiled: Any
     inputs: dict
-    variables: Any
-    state: Any
+    state: training.TrainState | None
     compile_s: float
     gflop: float | None
     flops: dict  # flops_source and the cross-checks
 
     def step(self) -> dict:
         """One step on the fixed batch; the new state replaces the donated one."""
-        self.variables, self.state, metrics = self.compiled(self.variables, self.state, self.inputs)
+        self.state, metrics = self.compiled(self.state, self.inputs)
         return metrics
 
     def time(self, steps: int) -> float:
@@ -288,7 +289,7 @@ class Case:
         start = time.perf_counter()
         for _ in range(steps):
             metrics = self.step()
-        jax.block_until_ready((self.variables, metrics))
+        jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - start) / steps
 
 
@@ -323,7 +324,7 @@ class Bench:
         self.primary = (max(sizes.batches), "bfloat16" if "bfloat16" in sizes.dtypes else sizes.dtypes[0])
         self.cases: dict[tuple[int, str], Case] = {}
         self.failed: dict[tuple[int, str], str] = {}
-        self._initial: tuple[Any, Any, Any] | None = None  # (abstract, variables, state), never donated
+        self._initial: tuple[Any, training.TrainState] | None = None  # (abstract, state), never donated
         self._gflop_per_cube: float | None = None
 
     def _peak_line(self, line: dict) -> None:
@@ -335,38 +336,35 @@ class Bench:
 
     # ---- building
 
-    def initial_state(self, run: train.Run) -> tuple[Any, Any]:
-        """Fresh (variables, train state) for `run`: `Run.init` once, then copies of it for every
-        case whose variables have the same shapes (all of them: the master weights are float32
-        whatever the compute dtype), which saves an init compile per case on the CPU."""
-        abstract = _abstract((run.like_variables, run.like_state))
+    def initial_state(self, run: training.Run) -> training.TrainState:
+        """A fresh TrainState for `run`: `Run.init` once, then copies of it for every case whose
+        state has the same shapes (all of them: the master weights are float32 whatever the
+        compute dtype), which saves an init compile per case on the CPU."""
+        abstract = _abstract(run.like_state)
         if self._initial is None or self._initial[0] != abstract:
-            variables, state = run.init(0)
-            self._initial = (abstract, variables, state)
-        _, variables, state = self._initial
-
-        def copy(tree, like):  # the step donates its inputs: each case gets its own buffers
-            return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding, may_alias=False), tree, like)
-
-        return copy(variables, run.like_variables), copy(state, run.like_state)
+            self._initial = (abstract, run.init(0))
+        _, state = self._initial
+        # The step donates its input state: each case gets its own buffers.
+        return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding, may_alias=False), state,
+                            run.like_state)
 
     def build(self, batch: int, dtype: str) -> Case:
         sizes = self.sizes
         config = step_config(sizes, batch, dtype, self.mesh)
-        run = train.build_run(config, self.mesh)
-        variables, state = self.initial_state(run)
+        run = pretraining.build_run(config, self.mesh)
+        state = self.initial_state(run)
         local = parallel.local_batch_size(batch)
         rng = np.random.default_rng(batch)
         cubes = store.encode_cubes(rng.random((local, *sizes.cube), dtype=np.float32), "uint16")  # as stored
         labels = rng.integers(0, sizes.num_classes, local).astype(np.int32)
         inputs = parallel.global_batch({"cube": cubes, "label": labels}, self.sharding)
         start = time.perf_counter()
-        lowered = run.steps.train.lower(variables, state, inputs)
+        lowered = run.steps.train.lower(state, inputs)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
         gflop, flops = self.step_gflop(lowered, compiled, run, batch)
         return Case(batch=batch, dtype=dtype, config=config, run=run, compiled=compiled, inputs=inputs,
-                    variables=variables, state=state, compile_s=compile_s, gflop=gflop, flops=flops)
+                    state=state, compile_s=compile_s, gflop=gflop, flops=flops)
 
     def case(self, batch: int, dtype: str, keep: bool) -> Case:
         """The compiled case, from the cache or built (and cached when `keep`)."""
@@ -384,7 +382,7 @@ class Bench:
             self.cases[key] = case
         return case
 
-    def step_gflop(self, lowered, compiled, run: train.Run, batch: int) -> tuple[float | None, dict]:
+    def step_gflop(self, lowered, compiled, run: training.Run, batch: int) -> tuple[float | None, dict]:
         """FLOPs of one step and where they came from (see the module docstring)."""
         sizes = self.sizes
         lowered_g = _quietly(lambda: _gflop(lowered.cost_analysis()))
@@ -426,12 +424,12 @@ class Bench:
         if self._gflop_per_cube is None:
             batch = min(self.sizes.batches)
             config = step_config(self.sizes, batch, "float32", self.mesh, conv_impl="xla3d")
-            run = train.build_run(config, self.mesh)
+            run = pretraining.build_run(config, self.mesh)
             local = parallel.local_batch_size(batch)
             sharded = functools.partial(jax.ShapeDtypeStruct, sharding=self.sharding)
             spec = {"cube": sharded((local, *self.sizes.cube), jnp.uint16),
                     "label": sharded((local,), jnp.int32)}
-            gflop = _gflop(run.steps.train.lower(run.like_variables, run.like_state, spec).cost_analysis())
+            gflop = _gflop(run.steps.train.lower(run.like_state, spec).cost_analysis())
             self._gflop_per_cube = gflop / batch if gflop else 0.0
         return self._gflop_per_cube or None
 
@@ -470,10 +468,9 @@ class Bench:
             end_to_end.write_store(path, local * sizes.e2e_store_batches, sizes.cube, sizes.num_classes)
             write_s = time.perf_counter() - start
             it = end_to_end.open_loader(path, local, threads, prefetch)
-            variables, state = case.variables, case.state
-            case.variables = case.state = None  # donated by the loops: rebuilt if they fail
+            state, case.state = case.state, None  # donated by the loops: rebuilt if they fail
             try:
-                timed = end_to_end.time_loops(case.compiled, variables, state, self.sharding, it,
+                timed = end_to_end.time_loops(case.compiled, state, self.sharding, it,
                                               warmup=sizes.e2e_warmup, steps=sizes.e2e_steps)
             except Exception:
                 self.cases.pop((batch, dtype), None)
@@ -482,7 +479,7 @@ class Bench:
                 close = getattr(it, "close", None)
                 if close is not None:
                     close()
-        case.variables, case.state = timed["variables"], timed["state"]
+        case.state = timed["state"]
         peak = self.peaks(dtype)
         common = {"peak_tflops": None if peak[0] is None else round(peak[0], 4), "peak_basis": peak[1],
                   "steps": sizes.e2e_steps, "threads": threads, "prefetch": prefetch, "store_dtype": "uint16",
@@ -512,7 +509,7 @@ class Bench:
         with jax.profiler.trace(str(out)):
             for _ in range(sizes.profile_steps):
                 metrics = case.step()
-            jax.block_until_ready((case.variables, metrics))
+            jax.block_until_ready((case.state, metrics))
         files = sorted(p for p in out.rglob("*") if p.is_file() and p not in before)
         ops, source = top_ops(files, case.compiled, TOP_OPS)
         base = self.base("", [batch, *sizes.cube, 1], dtype, section="profile", batch=batch,

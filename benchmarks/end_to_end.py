@@ -3,9 +3,10 @@
 Writes a temporary visual-word store of random-ish uint16 cubes (smooth blocks plus noise,
 enough for a few batches beyond the warm-up and timed ones), then in one process:
 
-1. compiles the project's train step (`train.build_steps(...).train`: TransVW objective,
-   YNet3D, Adam with the default schedule, the cubes decoded and transformed on the device
-   with the TransVW policy) and warms it up with batches from the loader;
+1. compiles the project's train step (`pretraining.build_run(config, mesh).steps.train`:
+   TransVW objective, YNet3D, Adam with the default schedule, the cubes decoded and
+   transformed on the device with the TransVW policy) and warms it up with batches from
+   the loader;
 2. "step_only": times `--steps` steps on ONE fixed device batch (no loader, no transfer);
 3. "end_to_end": times `--steps` steps where every batch comes from `loader.train_dataset`
    (global shuffle, `--threads` read threads, `--prefetch` batches read ahead) and
@@ -50,9 +51,10 @@ import jax
 import numpy as np
 from train_step import real_config  # the same step config as train_step.py (same folder)
 
-from transvw_jax import hostenv, parallel, train
+from transvw_jax import hostenv, parallel
 from transvw_jax.data import loader, store
 from transvw_jax.models.layers import CONV_IMPLS
+from transvw_jax.tasks import pretraining
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,11 +90,10 @@ def write_store(path: Path, cubes: int, shape: tuple[int, int, int], num_classes
 
 
 def build(args, batch: int):
-    """(train step, variables, train state, batch sharding), as `train.train_and_evaluate` sets them up."""
+    """(train step, TrainState, batch sharding), as `pretraining.train_and_evaluate` sets them up."""
     mesh = parallel.make_mesh(1)
-    run = train.build_run(real_config(args, batch, args.dtype), mesh)
-    variables, state = run.init(0)
-    return run.steps.train, variables, state, parallel.batch_sharding(mesh)
+    run = pretraining.build_run(real_config(args, batch, args.dtype), mesh)
+    return run.steps.train, run.init(0), parallel.batch_sharding(mesh)
 
 
 def open_loader(path: Path, local: int, threads: int, prefetch: int):
@@ -102,14 +103,14 @@ def open_loader(path: Path, local: int, threads: int, prefetch: int):
     return iter(dataset)
 
 
-def time_loops(step, variables, state, sharding, it, *, warmup: int, steps: int) -> dict:
+def time_loops(step, state, sharding, it, *, warmup: int, steps: int) -> dict:
     """Warm up with `warmup` loader batches (the first call compiles), then time `steps`
     steps on one fixed device batch ("step_s") and `steps` steps fed by the loader
     ("e2e_s"), both dispatched without waiting. Returns seconds per step, the warm-up
-    seconds, the final loss and the last (variables, state) (the step donates its inputs)."""
+    seconds, the final loss and the last TrainState, "state" (the step donates its input state)."""
     start = time.perf_counter()
     for _ in range(max(1, warmup)):  # the first call compiles
-        variables, state, m = step(variables, state, parallel.global_batch(next(it), sharding))
+        state, m = step(state, parallel.global_batch(next(it), sharding))
         jax.block_until_ready(m["loss"])
     warm_s = time.perf_counter() - start
 
@@ -117,17 +118,17 @@ def time_loops(step, variables, state, sharding, it, *, warmup: int, steps: int)
     jax.block_until_ready(fixed)
     start = time.perf_counter()
     for _ in range(steps):
-        variables, state, m = step(variables, state, fixed)
-    jax.block_until_ready((variables, m))
+        state, m = step(state, fixed)
+    jax.block_until_ready((state, m))
     step_s = (time.perf_counter() - start) / steps
 
     start = time.perf_counter()
     for _ in range(steps):
-        variables, state, m = step(variables, state, parallel.global_batch(next(it), sharding))
-    jax.block_until_ready((variables, m))
+        state, m = step(state, parallel.global_batch(next(it), sharding))
+    jax.block_until_ready((state, m))
     e2e_s = (time.perf_counter() - start) / steps
     return {"step_s": step_s, "e2e_s": e2e_s, "warm_s": warm_s, "loss": float(jax.device_get(m["loss"])),
-            "variables": variables, "state": state}
+            "state": state}
 
 
 def main() -> None:
@@ -139,7 +140,7 @@ def main() -> None:
     base = {"impl": "jax", "shape": [batch, *shape, 1], "dtype": args.dtype, "device": device.device_kind,
             "batch": batch, "width": args.width}
 
-    step, variables, state, sharding = build(args, batch)
+    step, state, sharding = build(args, batch)
     with tempfile.TemporaryDirectory(dir=args.tmpdir, prefix="e2e-store-") as tmp:
         path = Path(tmp) / "store"
         cubes = local * (args.warmup + args.steps + 1 + args.extra_batches)
@@ -147,7 +148,7 @@ def main() -> None:
         write_store(path, cubes, shape, args.num_classes)
         write_s = time.perf_counter() - start
         it = open_loader(path, local, args.threads, args.prefetch)
-        timed = time_loops(step, variables, state, sharding, it, warmup=args.warmup, steps=args.steps)
+        timed = time_loops(step, state, sharding, it, warmup=args.warmup, steps=args.steps)
         close = getattr(it, "close", None)
         if close is not None:
             close()

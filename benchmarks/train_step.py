@@ -17,10 +17,11 @@ convolution of the network forward+backward, per implementation. JSON lines:
   python benchmarks/train_step.py --sweep --width 32             # float32, bfloat16 x batch 1, 2, 4
   python benchmarks/train_step.py --real-step --steps 3          # the project's train step
 
-`--real-step` times the project's actual step instead (`train.build_steps(...).train`: uint16
-cubes in, decoded and transformed on the device with the TransVW policy, YNet3D, Adam with
-the default step schedule; "what": "train_step/real"), so that the bare step and the real
-one can be compared (with `--compare-torch` the PyTorch side stays the bare step, without
+`--real-step` times the project's actual step instead (`pretraining.build_run(config,
+mesh).steps.train`, (TrainState, batch) -> (TrainState, metrics): uint16 cubes in, decoded
+and transformed on the device with the TransVW policy, YNet3D, Adam with the default step
+schedule; "what": "train_step/real"), so that the bare step and the real one can be
+compared (with `--compare-torch` the PyTorch side stays the bare step, without
 transforms). `--sweep` runs float32 and bfloat16 at batches 1, 2 and 4 (one line
 each, impl "jax"); with `--real-step` it sweeps the real step.
 
@@ -39,6 +40,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,14 +48,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from transvw_jax import export, hostenv, parallel, train
+from transvw_jax import export, hostenv, parallel
 from transvw_jax import transforms as T
+from transvw_jax.fileio import load_module
 from transvw_jax.models import build_model, init_variables
 from transvw_jax.models.layers import CONV_IMPLS, conv3d_same, default_conv_impl
+from transvw_jax.tasks import pretraining
 
 LAMBDA_CLS = 0.01
 SWEEP_BATCHES = (1, 2, 4)
 SWEEP_DTYPES = ("float32", "bfloat16")
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"  # its train section
 
 # Dense peak TFLOP/s (no structured sparsity: datasheet "with sparsity" figures halved), per
 # compute mode; the first device_kind substring (lower case) that matches wins.
@@ -104,7 +109,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true",
                    help=f"float32 and bfloat16 at batches {SWEEP_BATCHES}, one line each (no torch)")
     p.add_argument("--real-step", action="store_true",
-                   help="time train.build_steps(...).train (transforms included, uint16 cubes in)")
+                   help="time pretraining.build_run(...).steps.train (transforms included, uint16 cubes in)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for mfu (overrides the table / the CPU matmul measurement)")
     args = p.parse_args()
@@ -235,12 +240,13 @@ def jax_step(args, dtype=None):
 
 
 def real_config(args, batch: int, dtype: str) -> ml_collections.ConfigDict:
-    """The sections of a run config that `train.build_steps` reads (TransVW, defaults)."""
+    """The sections of a run config that `pretraining.build_run` reads (TransVW; the train
+    section is the base config's, configs/default.py)."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict({
         "name": "ynet3d", "width": args.width, "num_classes": args.num_classes, "bn": "reference",
         "dtype": dtype, "conv_impl": args.conv_impl})
-    config.train = train.default_config()
+    config.train = load_module(BASE_CONFIG, "_benchmark_base_config").get_config().train
     config.train.objective = "transvw"
     config.train.batch_size = batch
     config.transforms = T.default_config("transvw")
@@ -248,11 +254,12 @@ def real_config(args, batch: int, dtype: str) -> ml_collections.ConfigDict:
 
 
 def real_step(args, batch: int, dtype: str):
-    """(train step, variables, train state, mesh, torch state dict) of the project's step."""
+    """(train step, TrainState, mesh, torch state dict) of the project's step."""
     mesh = parallel.make_mesh(1)
-    run = train.build_run(real_config(args, batch, dtype), mesh)
-    variables, state = run.init(0)
-    return run.steps.train, variables, state, mesh, export.to_torch_state_dict(jax.device_get(variables))
+    run = pretraining.build_run(real_config(args, batch, dtype), mesh)
+    state = run.init(0)
+    # The first step donates (frees) the state: keep a host copy for the PyTorch side.
+    return run.steps.train, state, mesh, export.to_torch_state_dict(jax.device_get(state.variables))
 
 
 def model_gflop(args, batch: int, dtype: str) -> float | None:
@@ -310,15 +317,15 @@ def run_case(args, batch: int, dtype: str, peaks: Peaks, *, compare_torch: bool,
     device = jax.devices()[0].device_kind
     if args.real_step:
         what = "train_step/real"
-        step, variables, state, mesh, state_dict = real_step(args, batch, dtype)
+        step, state, mesh, state_dict = real_step(args, batch, dtype)
         local = parallel.local_batch_size(batch)
         cubes = np.rint(x[:local, ..., 0] * 65535.0).astype(np.uint16)  # what the store holds
         inputs = (parallel.global_batch({"cube": cubes, "label": y[:local]}, parallel.batch_sharding(mesh)),)
-        holder = {"variables": variables, "state": state}
-        compiled = step.lower(variables, state, *inputs).compile()
+        holder = {"state": state}
+        compiled = step.lower(state, *inputs).compile()
 
         def call():
-            holder["variables"], holder["state"], m = compiled(holder["variables"], holder["state"], *inputs)
+            holder["state"], m = compiled(holder["state"], *inputs)
             return m["loss"]
     else:
         what = "train_step"

@@ -17,64 +17,46 @@ not a claim about the method. Single run instead of the grid:
 Other pretrained weights: --config.finetune.pretrained=path/to/transvw.pt (or a workdir).
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from transvw_jax import finetune, parallel
+from transvw_jax.fileio import load_module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
+    # configs/default.py by path, from any current directory (see configs/demo.py).
+    config = load_module(Path(__file__).with_name("default.py")).get_config()
     config.stages = ("synthesize_labeled", "label_efficiency")
 
     # The width must match the pretrained network (configs/demo.py). BatchNorm: "standard"
     # (running statistics at evaluation, loaded from the pretraining checkpoint) makes the
     # validation figures independent of how windows and patches are batched.
-    config.model = ml_collections.ConfigDict()
     config.model.name = "unet3d"  # the fine-tuning stage picks unet3d / encoder_classifier by task
     config.model.width = 8
     config.model.bn = "standard"
-    config.model.dtype = "float32"
-    config.model.conv_impl = "auto"  # onednn (or matmul) on CPU, xla3d on GPU/TPU
+    config.data.cube_shape = (32, 32, 16)  # as the demo's pretraining
 
-    config.data = ml_collections.ConfigDict()
-    config.data.cube_shape = (32, 32, 16)
-    config.data.num_threads = 2
-    config.data.prefetch = 4
-
-    config.parallel = parallel.default_config()
-
-    config.synthesize_labeled = ml_collections.ConfigDict()
-    config.synthesize_labeled.count = 24
-    config.synthesize_labeled.shape = (96, 96, 48)
-    config.synthesize_labeled.spacing = (3.5, 3.5, 7.0)  # as the demo's pretraining phantoms
-    config.synthesize_labeled.seed = 1  # other patients than the pretraining ones (seed 0)
-
-    config.finetune = finetune.default_config()
-    config.finetune.task = "segmentation"
-    config.finetune.patch_shape = (32, 32, 16)
+    # 24 labeled phantoms (configs/default.py: synthesize_labeled), another seed than the
+    # pretraining ones. The grid (configs/default.py: experiment): 10%, 25% and 100% of the
+    # training cases, from scratch and pretrained, seeds 0 and 1.
+    f = config.finetune
+    f.patch_shape = (32, 32, 16)
     # The phantoms' nodules are tiny (radius 1-3 voxels, ~0.2% of a patch): half the patches
     # are centred on one (nnU-Net's default is a third).
-    config.finetune.foreground_fraction = 0.5
-    config.finetune.patches_per_case = 32
-    config.finetune.val_patches_per_case = 8
-    config.finetune.val_fraction = 0.25  # 6 validation, 18 training cases
-    config.finetune.pretrained = "runs/demo"
-    config.finetune.load = ("encoder", "decoder", "output")
-    config.finetune.inference.overlap = 0.25
+    f.foreground_fraction = 0.5
+    f.patches_per_case = 32
+    f.val_fraction = 0.25  # 6 validation, 18 training cases
+    f.pretrained = "runs/demo"
+    f.inference.overlap = 0.25
     # 300 steps: well past the point where a from-scratch run starts to find the nodules,
     # and still minutes per run on a laptop CPU (figures: benchmarks/RESULTS.md).
-    config.finetune.train.batch_size = 4
-    config.finetune.train.steps = 300
-    config.finetune.train.eval_every = 50
-    config.finetune.train.checkpoint_every = 50
-    config.finetune.train.log_every = 50
-    config.finetune.train.patience = 3
-
-    config.experiment = finetune.experiment_config()
-    config.experiment.label_fractions = (0.1, 0.25, 1.0)
-    config.experiment.inits = ("scratch", "pretrained")
-    config.experiment.seeds = (0, 1)
+    f.train.batch_size = 4
+    f.train.steps = 300
+    f.train.eval_every = 50
+    f.train.checkpoint_every = 50
+    f.train.log_every = 50
+    f.train.patience = 3
 
     if arg == "runlocal":  # a smoke test: seconds of training, pretrained from the tiny demo
         config.model.width = 4

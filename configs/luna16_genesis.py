@@ -27,7 +27,6 @@ from pathlib import Path
 
 import ml_collections
 
-from transvw_jax import transforms
 from transvw_jax.fileio import load_module
 
 
@@ -36,13 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "", "adam"):
         raise ValueError(f"unknown config argument {arg!r}; known: adam")
     config = load_module(Path(__file__).with_name("luna16_transvw.py")).get_config()
-    config.stages = ("discover", "pretrain", "export")
+    # The TransVW config's stages (discover, pretrain, export) and data: Models Genesis' own
+    # folds (train on subsets 0-4, validate on 5-6, never read 7-9) and reading (the stored
+    # array transposed to (X, Y, Z), no RAS).
     config.discovery.mode = "random"  # Models Genesis: random air-filtered cubes, no classes
-    # As the TransVW config (Models Genesis' own folds and reading): restated as it defines the data.
-    config.discovery.train_subsets = (0, 1, 2, 3, 4)  # pretraining patients
-    config.discovery.val_subsets = (5, 6)  # validation patients; 7-9 are never read
-    config.discovery.orientation = "reference"  # the stored array transposed to (X, Y, Z), no RAS
-    config.discovery.words.random_cubes_per_patient = 32  # the paper's scale (infinite_generator_3D --scale)
+    # words.random_cubes_per_patient: the base's 32, the paper's scale (infinite_generator_3D --scale).
 
     config.model.name = "unet3d"  # Models Genesis: the U-Net alone (19.1M parameters at width 32)
     # unet3d has no head; num_classes (44, from the TransVW config) is unused in random mode.
@@ -51,21 +48,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.lambda_cls = 0.0  # no classification term (the objective has none anyway)
     # The schedule is the TransVW config's, in epochs (converted to steps of this store when
     # training starts): x0.5 every 40 epochs, one validation per epoch, patience 50 epochs.
-    if arg == "adam":
-        config.train.optimizer = "adam"
-        config.train.learning_rate = 1e-3
-        config.train.batch_size = 64
-    else:
-        # The original Models Genesis optimiser (pytorch/config.py, Genesis_Chest_CT.py).
+    # "adam" keeps the TransVW config's optimiser: Adam 1e-3 at global batch 64.
+    if arg != "adam":
+        # The original Models Genesis optimiser (pytorch/config.py, Genesis_Chest_CT.py):
+        # SGD, lr 1, momentum 0.9 (the base's train.momentum).
         config.train.optimizer = "sgd"
         config.train.learning_rate = 1.0
-        config.train.momentum = 0.9
         # train.batch_size is GLOBAL: split over every device of every process, so it must
         # divide by the device count. The original's 6 ran on one GPU; 6 runs as is on 1, 2,
         # 3 or 6 devices. On 4 or 8, pick a multiple (8, 16: steps per epoch follow the
         # batch, the learning rate does not) or run on fewer devices.
         config.train.batch_size = 6
 
-    config.transforms = transforms.default_config("genesis")
+    # The Models Genesis policy: flip, local shuffle of 10,000 blocks, non-linear, in- or
+    # out-painting, composed; no elastic deformation (the other values are TransVW's too).
+    tf = config.transforms
+    tf.policy = "genesis"
+    tf.elastic.enabled = False
+    tf.flip.prob = 0.4
+    tf.local_shuffle.num_blocks = 10_000
+    tf.in_paint.max_blocks = 5
+    tf.out_paint.max_extra_blocks = 4
     config.export.head = False  # a UNet3D state_dict (106 keys)
     return config

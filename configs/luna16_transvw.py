@@ -30,17 +30,15 @@ global batch B)", and recorded under "schedule" in pretrain_summary.json; config
 shows the epoch values). So --config.train.batch_size=... or another store size needs no
 other override.
 
-The file reuses the structure of configs/demo.py (its model / data / export sections, so
-both stay in step) but rebuilds discovery, train, parallel and transforms from the
-modules' defaults, so none of the demo's laptop-sized values carry over; every value that
-matters for this experiment is set below.
+The file starts from configs/default.py, which holds the reference settings (model, cube,
+optimiser, discovery, transforms: docs/REFERENCE.md section 4), and sets what LUNA16 and the
+epoch schedule need; none of the demo's laptop-sized values apply.
 """
 
 from pathlib import Path
 
 import ml_collections
 
-from transvw_jax import discovery, parallel, train, transforms
 from transvw_jax.fileio import load_module
 
 # Reference schedule, in epochs (docs/REFERENCE.md section 4; TransVW's and Models Genesis'
@@ -63,93 +61,42 @@ def set_epoch_schedule(t: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = load_module(Path(__file__).with_name("demo.py")).get_config()
+    # configs/default.py by path, from any current directory (see configs/demo.py).
+    config = load_module(Path(__file__).with_name("default.py")).get_config()
     del config.synthesize  # real data: no phantoms
-    config.seed = 0
-    config.stages = ("discover", "pretrain", "export")
-
-    config.model.name = "ynet3d"  # TransVW: U-Net + visual-word head
-    config.model.width = 32  # the reference network (33.3M parameters with 44 classes)
-    # The paper's 44 visual-word classes. Discovery extracts this many classes and writes
-    # the count into the store's manifest; pretraining checks that model.num_classes
-    # matches the store and stops at once, naming the value to set, when it does not.
-    config.model.num_classes = 44
-    config.model.bn = "reference"
-    config.model.dtype = "float32"  # "bfloat16" on accelerators (GPUs since A100, TPUs)
-    config.model.conv_impl = "auto"  # onednn (or matmul) on CPU, xla3d on GPU/TPU
-
-    config.data.cube_shape = (64, 64, 32)  # X, Y, Z: the reference cube
-    config.data.source = "store"  # the store discovery writes to <workdir>/store
-    config.data.store_dir = ""  # "" = <workdir>/store
-    config.data.released_dir = ""
-    config.data.released_resolutions = (1, 2, 3)
-    config.data.released_folds = ()
-    config.data.released_classes = 0  # 0 = every class in the released files
+    # The base's stages: discover, pretrain, export.
+    # The model is the base's reference network: ynet3d at width 32 (33.3M parameters with
+    # 44 classes). Discovery extracts model.num_classes = 44 classes (the paper's) and writes
+    # the count into the store's manifest; pretraining checks that model.num_classes matches
+    # the store and stops at once, naming the value to set, when it does not.
     config.data.num_threads = 8  # parallel reads per process
     config.data.prefetch = 16  # read-ahead, in loader elements: per-process batches
 
-    # Self-discovery at the reference settings.
-    config.discovery = discovery.default_config()
-    config.discovery.volumes_dir = "/data/luna16"  # placeholder: the folder holding subset0..subset9
-    config.discovery.normalization = "ct"  # HU window [-1000, 1000] -> [0, 1]
-    # () keeps each scan's own spacing, as the reference does by default (LUNA16: ~0.6-0.9 mm
-    # in-plane, 0.6-2.5 mm slices). (1.0, 1.0, 2.0) or (2.0, 2.0, 2.0) resamples (the original
-    # code's 2 mm example); the border below is in voxels, so shrink it with the spacing: a
-    # 512-voxel slice at 0.7 mm is ~180 voxels at 2 mm, too few for a 100-voxel border.
-    config.discovery.spacing = ()
+    # Self-discovery at the reference settings (the base's, but for these).
+    d = config.discovery
+    d.volumes_dir = "/data/luna16"  # placeholder: the folder holding subset0..subset9
+    # spacing () keeps each scan's own spacing, as the reference does by default (LUNA16:
+    # ~0.6-0.9 mm in-plane, 0.6-2.5 mm slices). (1.0, 1.0, 2.0) or (2.0, 2.0, 2.0) resamples (the
+    # original code's 2 mm example); words.border is in voxels, so shrink it with the spacing:
+    # a 512-voxel slice at 0.7 mm is ~180 voxels at 2 mm, too few for a 100-voxel border.
     # Models Genesis' folds: train on subsets 0-4, validate on 5-6, never read 7-9 (downstream
-    # test folds). val_fraction applies only when volumes_dir has no subset folders.
-    config.discovery.train_subsets = (0, 1, 2, 3, 4)
-    config.discovery.val_subsets = (5, 6)
-    config.discovery.subset_pattern = "subset{}"
-    config.discovery.val_fraction = 0.2  # fallback: of 888 scans, ~710 training, ~178 validation
-    config.discovery.orientation = "reference"  # as stored, (X, Y, Z): the originals' (released weights')
-    config.discovery.seed = 0
-    config.discovery.autoencoder.size = (128, 128, 64)  # whole volumes resized to this
-    config.discovery.autoencoder.width = 32
-    config.discovery.autoencoder.steps = 20_000  # ~180 passes over LUNA16's 888 scans at batch 8
-    config.discovery.autoencoder.batch_size = 8
-    config.discovery.autoencoder.learning_rate = 1e-3
-    w = config.discovery.words
-    w.train_instances = 200  # nearest training patients per class (reference patient included)
-    w.val_instances = 30  # nearest validation patients per class
-    w.border = (100, 100, 30)  # voxels kept free around a coordinate in the reference patient
-    w.min_distance = 5.0  # voxels between the coordinates of two classes
-    # The Models Genesis air filter, at its defaults: a cube is rejected when more than
-    # 0.15 of it lies above the first voxel brighter than -150 HU (0.425 on [0, 1]).
-    w.air_threshold = 0.425
-    w.max_air_score = 0.15
-    w.max_tries = 200
-    w.extra_resolutions = 2  # two more cubes per instance, resized to 64x64x32
-    w.extra_size = (50, 80)  # their in-plane crop size, [low, high)
-    w.extra_offset = (-10, 10)  # their in-plane offset, [low, high)
+    # test folds). val_fraction (0.2: of 888 scans, ~710 training, ~178 validation) applies
+    # only when volumes_dir has no subset folders.
+    d.train_subsets = (0, 1, 2, 3, 4)
+    d.val_subsets = (5, 6)
+    d.orientation = "reference"  # as stored, (X, Y, Z): the originals' (released weights')
+    d.autoencoder.steps = 20_000  # ~180 passes over LUNA16's 888 scans at batch 8
+    d.autoencoder.batch_size = 8
+    # The words keep the reference's instances (200 + 30), border (100, 100, 30), spacing of
+    # classes (5 voxels) and Models Genesis' air filter (0.15 above -150 HU): the base's.
 
-    # Pretraining (docs/REFERENCE.md section 4, Self-discovery and pretraining).
-    config.train = train.default_config()
-    t = config.train
-    t.objective = "transvw"  # restoration + visual-word classification
-    t.optimizer = "adam"
-    t.learning_rate = 1e-3
-    t.batch_size = 64  # global; the reference's 64 (8-12 in some of its configs)
-    t.lambda_rec = 1.0
-    t.lambda_cls = 0.01
-    t.schedule = "step"  # x decay_factor every decay_every steps
-    t.decay_factor = 0.5
-    t.warmup_steps = 0
-    t.log_every = 50
-    t.eval_batches = 0  # the whole validation split at every evaluation
-    t.keep_checkpoints = 3  # plus <workdir>/best, the best by validation loss (what export writes)
-    t.seed = 0
+    # Pretraining (docs/REFERENCE.md section 4, Self-discovery and pretraining): the base's
+    # Adam 1e-3 at global batch 64, lambda_cls 0.01, step decay x0.5, the whole validation
+    # split at every evaluation, 3 checkpoints kept plus <workdir>/best (what export writes).
     # In epochs (converted when training starts: 26,400 cubes / 64 = 412 steps per epoch for
     # a full store): one evaluation and checkpoint per epoch, x0.5 every 40, patience 50,
     # at most 200.
-    set_epoch_schedule(t)
-
-    config.parallel = parallel.default_config()  # auto: joins a multi-process job if launched as one
-    config.transforms = transforms.default_config("transvw")  # elastic + one of four transforms
-
-    config.export.formats = ("pt", "safetensors")  # pt needs the torch extra
-    config.export.head = True  # include the visual-word head (clc_out.*)
+    set_epoch_schedule(config.train)
 
     if arg == "released":
         # The released TransVW cubes (train_data{r}_vwGen_ex_ref_fold{k}.0.npy + labels):
@@ -165,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.stages = ("pretrain", "export")
         config.data.source = "released"
         config.data.released_dir = "/data/TransVW_data"  # placeholder: override
-        config.data.released_resolutions = (1, 2, 3)  # validation uses resolution 1 only
+        # data.released_resolutions: the base's (1, 2, 3); validation uses resolution 1 only.
         config.data.released_folds = (1,)
         config.data.released_classes = 44
         config.model.num_classes = config.data.released_classes

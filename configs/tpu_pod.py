@@ -57,13 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_threads = 16  # parallel reads per worker (process)
     config.data.prefetch = 8  # read-ahead, in per-process batches (1024 / workers cubes each)
 
-    config.parallel.distributed = "auto"  # TPU pod / SLURM detected from the environment
-    # 1 = pure data parallelism, the state replicated on every chip: right for the 19-33M
-    # parameter reference networks. Raise it (2, 4, 8: it must divide the device count) only
-    # when parameters + Adam state no longer fit one chip, e.g. a much wider model (width >= 128);
+    # parallel.distributed: the base's "auto", which detects a TPU pod or SLURM from the
+    # environment. parallel.fsdp: the base's 1 = pure data parallelism, the state replicated
+    # on every chip: right for the 19-33M parameter reference networks. Raise it (2, 4, 8:
+    # it must divide the device count) only when parameters + Adam state no longer fit one
+    # chip, e.g. a much wider model (width >= 128);
     # each chip then holds 1/fsdp of the large ones. (Activations scale with the per-chip
     # batch and cube size instead: lower those when they are what runs out of memory.)
-    config.parallel.fsdp = 1
 
     t = config.train
     # GLOBAL batch: split over all chips, so it must be divisible by the device count
@@ -76,10 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The large-batch recipe (module docstring; to validate, not the paper's): peak learning
     # rate 1e-3 x sqrt(1024 / 64) = 4e-3, reached by a linear warm-up over WARMUP_EPOCHS
     # epochs (warmup_steps is in the schedule's unit, epochs), which steadies the first
-    # large-batch Adam steps. lr_scaling scales from reference_batch_size, so a batch
-    # override rescales the learning rate by itself.
+    # large-batch Adam steps. lr_scaling scales from reference_batch_size (the base's 64),
+    # so a batch override rescales the learning rate by itself.
     t.lr_scaling = "sqrt"
-    t.reference_batch_size = 64
     t.warmup_steps = WARMUP_EPOCHS
     # Evaluate and checkpoint every EVAL_EPOCHS epochs (sample_every stays 10 epochs).
     # patience stays 50 EPOCHS: with schedule_unit = "epochs" it is converted to the

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transvw_jax import discovery
+from transvw_jax import configuration, discovery
 from transvw_jax.data import store, synthetic, volumes
 from transvw_jax.discovery import words
 from transvw_jax.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from configs import default as base_config  # noqa: E402
 from configs import demo  # noqa: E402
 
 
@@ -159,7 +160,7 @@ def test_air_score_mixes_columns_counts_the_threshold_as_tissue_and_pads_short_v
 
 
 def test_air_filter_rejects_only_cubes_scoring_above_lung_max():
-    cfg = words.default_config()
+    cfg = base_config.get_config().discovery.words
     assert cfg.max_air_score == 0.15 and cfg.air_threshold == (-150 + 1000) / 2000
     v = np.zeros((1, 1, 24), np.float32)
     v[0, 0, :3] = 1.0  # 3 of 20 voxels score 1: mean 0.15, not above lung_max -> kept
@@ -183,7 +184,7 @@ def test_coordinate_range_leaves_the_originals_room_below_the_cube():
 def test_a_reference_without_a_passing_coordinate_is_redrawn_and_running_out_is_an_error():
     air, tissue = np.zeros((12, 12, 10), np.float32), np.ones((12, 12, 10), np.float32)
     vols = [tissue, air, tissue, air, tissue, air]
-    cfg = words.default_config()
+    cfg = base_config.get_config().discovery.words
     cfg.update(train_instances=2, val_instances=0, border=(1, 1, 1), max_tries=20, min_distance=1.0)
     splits = ["train"] * 6
     embeddings = np.random.default_rng(0).random((6, 3))
@@ -209,9 +210,9 @@ def test_a_reference_without_a_passing_coordinate_is_redrawn_and_running_out_is_
 
 def test_random_cubes_are_skipped_and_patients_given_up_as_in_models_genesis(tmp_path):
     air, tissue = np.zeros((12, 12, 10), np.float32), np.ones((12, 12, 10), np.float32)
-    cfg = words.default_config()
+    cfg = base_config.get_config().discovery.words
     cfg.update(border=(1, 1, 1), random_cubes_per_patient=3)
-    assert words.default_config().random_cubes_per_patient == 32  # the paper's scale
+    assert base_config.get_config().discovery.words.random_cubes_per_patient == 32  # the paper's scale
     half = air.copy()
     half[:6] = 1.0  # only starts with x >= 6 (x in [1, 6]) keep the cube clear of tissue
     starts = words.random_starts(half, (4, 4, 4), cfg, np.random.default_rng(0))
@@ -273,7 +274,7 @@ def test_patients_are_streamed_one_load_per_reference_and_per_patient(tmp_path):
         calls.append(i)
         return vols[i]
 
-    cfg = words.default_config()
+    cfg = base_config.get_config().discovery.words
     cfg.update(train_instances=4, val_instances=2, border=(1, 1, 1), extra_size=(6, 10), extra_offset=(-1, 1),
                min_distance=2.0)  # 5 classes 5 voxels apart may not fit in the 10 x 10 x 1 starts
     splits = ["train"] * 6 + ["validation"] * 3
@@ -398,12 +399,12 @@ def test_subset_split_missing_folder_and_one_folder_fallback(phantoms, tmp_path)
 def test_subset_and_orientation_keys_are_validated(key, value, message):
     config = _config("/nonexistent")
     config.discovery.train_subsets, config.discovery.val_subsets = (0, 1, 2, 3, 4), (5, 6)
-    discovery.validate_config(config)
+    configuration.validate(config, stages=("discover",))
     config.discovery[key] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
-        discovery.validate_config(config)
+        configuration.validate(config, stages=("discover",))
     assert "\n" not in str(info.value)
     config = _config("/nonexistent")
     config.discovery.val_subsets = (5, 6)
     with pytest.raises(ConfigError, match="discovery.train_subsets is empty"):
-        discovery.validate_config(config)
+        configuration.validate(config, stages=("discover",))

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transvw_jax import finetune, parallel, train
+from transvw_jax import finetune, parallel
 from transvw_jax.data import loader
 from transvw_jax.models import EncoderClassifier, YNet3D, init_variables
+from transvw_jax.tasks import pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,11 +55,17 @@ def pretrain_config(batch_size):
 def _run(batch_size):
     config = pretrain_config(batch_size)
     mesh = parallel.make_mesh(1)
-    run = train.build_run(config, mesh)
-    return config, mesh, run, run.init(0)[0]
+    run = pretraining.build_run(config, mesh)
+    return config, mesh, run, run.init(0).variables
 
 
 RNG = np.array([0, 1], np.uint32)  # the eval key data
+
+
+def _evaluate(run, variables, source, config, dataset=None):
+    """A validation pass as pretraining runs it (a fresh pipeline unless `dataset`)."""
+    ds = pretraining.eval_dataset(source, config) if dataset is None else dataset
+    return run.evaluate(variables, ds, RNG, config.train.eval_batches or None)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +80,8 @@ def test_validation_loss_does_not_depend_on_the_padding(batch8_run):
     sharded over 8 devices (the global batch must divide by them): the same figures."""
     source = CubeSource(6)
     results = []
-    for config, mesh, run, variables in (batch8_run, _run(16)):
-        results.append(train._evaluate(run.steps, variables, source, config, mesh, RNG))
+    for config, _, run, variables in (batch8_run, _run(16)):
+        results.append(_evaluate(run, variables, source, config))
     a, b = results
     assert a.keys() == b.keys()
     for k in a:
@@ -86,15 +93,15 @@ def test_two_evaluations_of_one_pipeline_are_identical(batch8_run):
     """The run's one validation pass, iterated again, gives the same cubes in the same order."""
     config, mesh, run, variables = batch8_run
     source = CubeSource(20)
-    dataset = train._eval_dataset(source, config)
-    first = train._evaluate(run.steps, variables, source, config, mesh, RNG, dataset)
-    second = train._evaluate(run.steps, variables, source, config, mesh, RNG, dataset)
+    dataset = pretraining.eval_dataset(source, config)
+    first = _evaluate(run, variables, source, config, dataset)
+    second = _evaluate(run, variables, source, config, dataset)
     assert first == second
-    assert first == train._evaluate(run.steps, variables, source, config, mesh, RNG)  # a fresh pipeline
+    assert first == _evaluate(run, variables, source, config)  # a fresh pipeline
     limited = config.copy_and_resolve_references()
     limited.train.eval_batches = 1  # 8 of the 20 cubes
-    one = train._evaluate(run.steps, variables, source, limited, mesh, RNG, dataset)
-    assert one != first and one == train._evaluate(run.steps, variables, source, limited, mesh, RNG, dataset)
+    one = _evaluate(run, variables, source, limited, dataset)
+    assert one != first and one == _evaluate(run, variables, source, limited, dataset)
     assert [b["cube"].tolist() for b in dataset] == [b["cube"].tolist() for b in dataset]
 
 
@@ -135,7 +142,7 @@ def test_finetune_eval_step_ignores_the_padding():
     for bs in (6, 8):
         config.finetune.train.batch_size = bs
         run = finetune.build_run(config, 2, mesh)
-        variables, _ = run.init(0)
+        variables = run.init(0).variables
         batch = next(iter(loader.eval_dataset(source, batch_size=bs, num_threads=1)))
         sharded = parallel.global_batch(batch, parallel.batch_sharding(mesh))
         o = jax.device_get(run.steps.eval(variables, sharded, RNG))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from transvw_jax import checkpointing, evaluation, export, finetune
+from transvw_jax import checkpointing, configuration, evaluation, export, finetune, losses
 from transvw_jax.data import labeled, patches, synthetic
 from transvw_jax.errors import CheckpointError, ConfigError
 from transvw_jax.models import EncoderClassifier, UNet3D, YNet3D, init_variables
@@ -135,21 +135,21 @@ def test_read_pretrained_from_a_workdir_and_from_an_export(pretrain_workdir, pre
 def test_segmentation_terms_and_soft_dice_on_hand_computed_cases():
     labels = jnp.zeros((1, 4, 4, 2), jnp.int32).at[0, :2].set(1)  # 16 of 32 voxels foreground
     perfect = jnp.where(jax.nn.one_hot(labels, 2) > 0, 50.0, -50.0)
-    ce, inter, total = finetune.segmentation_terms(perfect, labels, 2)
+    ce, inter, total = losses.segmentation_terms(perfect, labels, 2)
     assert float(ce[0]) < 1e-6
-    assert float(finetune.soft_dice(inter.sum(0), total.sum(0))) == pytest.approx(1.0, abs=1e-6)
+    assert float(losses.soft_dice(inter.sum(0), total.sum(0))) == pytest.approx(1.0, abs=1e-6)
     uniform = jnp.zeros((1, 4, 4, 2, 2))  # p = 1/2 everywhere
-    ce, inter, total = finetune.segmentation_terms(uniform, labels, 2)
+    ce, inter, total = losses.segmentation_terms(uniform, labels, 2)
     assert float(ce[0]) == pytest.approx(np.log(2.0), rel=1e-6)
     # foreground: intersection 16 * 0.5 = 8, total 32 * 0.5 + 16 = 32 -> Dice 0.5
-    assert float(finetune.soft_dice(inter.sum(0), total.sum(0))) == pytest.approx(0.5, rel=1e-5)
+    assert float(losses.soft_dice(inter.sum(0), total.sum(0))) == pytest.approx(0.5, rel=1e-5)
 
 
 def test_classification_terms_binary_and_multiclass():
-    loss, score = finetune.classification_terms(jnp.array([[0.0], [100.0]]), jnp.array([1, 1]))
+    loss, score = losses.classification_terms(jnp.array([[0.0], [100.0]]), jnp.array([1, 1]))
     np.testing.assert_allclose(loss, [np.log(2.0), 0.0], atol=1e-6)
     np.testing.assert_allclose(score, [0.5, 1.0], atol=1e-6)
-    loss, probs = finetune.classification_terms(jnp.zeros((1, 4)), jnp.array([2]))
+    loss, probs = losses.classification_terms(jnp.zeros((1, 4)), jnp.array([2]))
     np.testing.assert_allclose(loss, [np.log(4.0)], rtol=1e-6)
     assert probs.shape == (1, 4)
 
@@ -271,31 +271,31 @@ def test_config_errors_name_the_key(labeled_dir, pretrain_workdir, key, value, m
     config = tiny_config(labeled_dir, pretrain_workdir)
     config.finetune[key] = value
     with pytest.raises(ConfigError, match=message):
-        finetune.validate_config(config)
+        configuration.validate(config, stages=("finetune",))
 
 
 def test_freezing_a_random_encoder_is_refused(labeled_dir, pretrain_workdir):
     config = tiny_config(labeled_dir, pretrain_workdir, freeze_encoder=True, init="scratch")
     with pytest.raises(ConfigError, match="freeze_encoder=True needs init='pretrained'"):
-        finetune.validate_config(config)
+        configuration.validate(config, stages=("finetune",))
 
 
 def test_experiment_is_checked_before_any_run(labeled_dir, tmp_path):
     config = tiny_config(labeled_dir, tmp_path / "no_pretraining")
-    with pytest.raises(CheckpointError, match="no_pretraining: no such pretraining workdir"):
-        finetune.validate_experiment(config)
+    with pytest.raises(ConfigError, match="no_pretraining: no such pretraining workdir"):
+        configuration.validate(config, stages=("label_efficiency",))
     config.finetune.pretrained = str(tmp_path)
     config.experiment.inits = ("scratch", "imagenet")
     with pytest.raises(ConfigError, match="experiment.inits: 'imagenet'"):
-        finetune.validate_experiment(config)
+        configuration.validate(config, stages=("label_efficiency",))
     config.experiment.inits = ("scratch",)
     config.experiment.metric = "dcie"
     with pytest.raises(ConfigError, match="experiment.metric: 'dcie'"):
-        finetune.validate_experiment(config)
+        configuration.validate(config, stages=("label_efficiency",))
     config.experiment.metric = ""
     config.experiment.seeds = ()
     with pytest.raises(ConfigError, match="must be non-empty"):
-        finetune.validate_experiment(config)
+        configuration.validate(config, stages=("label_efficiency",))
 
 
 def test_demo_finetune_config_validates(tmp_path):
@@ -311,10 +311,10 @@ def test_demo_finetune_config_validates(tmp_path):
 def test_classification_config_errors(labeled_dir, pretrain_workdir):
     config = tiny_config(labeled_dir, pretrain_workdir, task="classification")
     with pytest.raises(ConfigError, match="has no decoder or output"):
-        finetune.validate_config(config)
+        configuration.validate(config, stages=("finetune",))
     config.finetune.load = ("encoder",)
     with pytest.raises(ConfigError, match="candidates_csv is empty"):
-        finetune.validate_config(config)
+        configuration.validate(config, stages=("finetune",))
 
 
 def test_class_count_disagreeing_with_dataset_json(labeled_dir, pretrain_workdir, tmp_path):
@@ -343,11 +343,11 @@ def test_label_efficiency_stage_from_the_command_line(labeled_dir, pretrain_work
 def test_orientation_is_validated_and_recorded_for_resume():
     config = demo_finetune.get_config()
     assert config.finetune.orientation == "ras"  # the default outside the LUNA16 configs
-    finetune.validate_config(config)
+    configuration.validate(config, stages=("finetune",))
     config.finetune.orientation = "reference"
-    finetune.validate_config(config)
+    configuration.validate(config, stages=("finetune",))
     assert "orientation" in finetune.RESUME_SETTINGS  # another orientation is other data
     config.finetune.orientation = "lps"
     with pytest.raises(ConfigError) as info:
-        finetune.validate_config(config)
+        configuration.validate(config, stages=("finetune",))
     assert str(info.value) == "finetune.orientation: 'lps' is not one of ras, reference"

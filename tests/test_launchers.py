@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from transvw_jax import train
+from transvw_jax import configuration, training
 from transvw_jax.fileio import load_module
+from transvw_jax.tasks import pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -308,11 +309,11 @@ def test_tpu_pod_scales_the_learning_rate_with_a_warmup():
     t = config.train
     assert (t.lr_scaling, t.reference_batch_size, t.batch_size, t.learning_rate) == ("sqrt", 64, 1024, 1e-3)
     assert t.eval_every == t.checkpoint_every == 4 and t.patience == 50  # epochs
-    config, record = train.schedule_in_steps(config, 26_400)  # a full store: 25 steps per epoch
+    config, record = pretraining.schedule_in_steps(config, 26_400)  # a full store: 25 steps per epoch
     t = config.train
     assert (record["steps_per_epoch"], t.warmup_steps, t.eval_every) == (25, 125, 100)
     assert record["patience_evaluations"] == 13  # 50 epochs of evaluations every 4
-    schedule = train.make_schedule(t)
+    schedule = training.make_schedule(t)
     peak = 1e-3 * (1024 / 64) ** 0.5
     assert float(schedule(0)) == 0.0
     assert float(schedule(t.warmup_steps)) == pytest.approx(peak)
@@ -320,17 +321,17 @@ def test_tpu_pod_scales_the_learning_rate_with_a_warmup():
 
 
 def test_lr_scaling_rules_and_the_default():
-    t = train.default_config()
+    t = load_module(REPO / "configs" / "default.py", "default_under_test").get_config().train
     assert (t.lr_scaling, t.reference_batch_size) == ("none", 64)
     t.update(schedule="constant", batch_size=256, learning_rate=1e-3)
-    assert float(train.make_schedule(t)(7)) == pytest.approx(1e-3)  # none: unchanged
+    assert float(training.make_schedule(t)(7)) == pytest.approx(1e-3)  # none: unchanged
     t.lr_scaling = "linear"
-    assert float(train.make_schedule(t)(7)) == pytest.approx(4e-3)
+    assert float(training.make_schedule(t)(7)) == pytest.approx(4e-3)
     t.lr_scaling = "sqrt"
-    assert float(train.make_schedule(t)(7)) == pytest.approx(2e-3)
+    assert float(training.make_schedule(t)(7)) == pytest.approx(2e-3)
     del t["lr_scaling"], t["reference_batch_size"]  # a config written before the keys
-    train.validate_loop_config(t, "train")
-    assert float(train.make_schedule(t)(7)) == pytest.approx(1e-3)
+    configuration.validate_loop(t, "train")
+    assert float(training.make_schedule(t)(7)) == pytest.approx(1e-3)
 
 
 def test_a_bad_lr_scaling_is_one_line_naming_the_key(tmp_path):

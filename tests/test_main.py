@@ -146,7 +146,9 @@ def test_pt_is_skipped_without_torch(tmp_path, monkeypatch, caplog):
     [
         (["--config", "configs/missing.py"], "No such file or directory: 'configs/missing.py'"),
         (["--config", "configs/demo.py", "--config.model.widht=8"],
-         "--config.model.widht=8: unknown config key 'widht' (did you mean 'width'?)"),
+         "--config.model.widht=8: unknown config key 'widht' in config.model (did you mean 'width'?)"),
+        (["--config", "configs/demo.py", "--config.trian.steps=5"],
+         "--config.trian.steps=5: unknown config key 'trian' in config (did you mean 'train'?)"),
         (["--config", "configs/demo.py", "--config.model.width=wide"], "--config.model.width=wide"),
         (["--config", "configs/demo.py", "--config.stages=('export','fine_tune')"],
          "config.stages: unknown stage 'fine_tune'"),
@@ -158,8 +160,8 @@ def test_pt_is_skipped_without_torch(tmp_path, monkeypatch, caplog):
          "discovery.store.dtype: 'int8' is not one of uint16, float16, float32"),
         (["--config", "configs/demo.py"], "missing required flag(s) --workdir"),
     ],
-    ids=["missing-file", "unknown-key", "bad-value", "unknown-stage", "cube-shape", "config-arg",
-         "transform-prob", "store-dtype", "no-workdir"],
+    ids=["missing-file", "unknown-key", "unknown-section", "bad-value", "unknown-stage", "cube-shape",
+         "config-arg", "transform-prob", "store-dtype", "no-workdir"],
 )
 def test_bad_command_lines_exit_2_with_one_line(tmp_path, args, message):
     if "--config" in args and "missing required" not in message:

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transvw_jax import parallel, train
+from transvw_jax import parallel
 from transvw_jax import transforms as T
+from transvw_jax.tasks import pretraining
 from transvw_jax.transforms import cube_ops
 from transvw_jax.transforms.shuffle import tiled_shuffle_source
 
@@ -31,7 +32,7 @@ def run():
     config = demo.get_config("runlocal")
     config.model.num_classes = 4
     config.train.batch_size = B
-    return train.build_run(config, parallel.make_mesh(1))
+    return pretraining.build_run(config, parallel.make_mesh(1))
 
 
 def _batch(run, mask=True):
@@ -62,7 +63,7 @@ def test_train_step_holds_no_gather_of_the_batch(run):
     """Keys, decoded cubes, inputs, targets and transform ids stay split over the 8 devices.
     (A guard: today's compiler keeps them split even without the constraints.)"""
     batch = _batch(run, mask=False)
-    hlo = run.steps.train.lower(run.like_variables, run.like_state, batch).compile().as_text()
+    hlo = run.steps.train.lower(run.like_state, batch).compile().as_text()
     assert whole_batch_collectives(hlo) == []
 
 
@@ -77,7 +78,7 @@ def test_samples_return_and_gather_only_the_cubes_drawn(run):
     """The samples step hands back SAMPLE_CUBES cubes, replicated; the rest of the batch never
     leaves its device."""
     out = jax.eval_shape(run.steps.samples, run.like_variables, _batch(run), RNG)
-    assert [o.shape for o in out] == [(train.SAMPLE_CUBES, *SHAPE)] * 3 + [(train.SAMPLE_CUBES,)]
+    assert [o.shape for o in out] == [(pretraining.SAMPLE_CUBES, *SHAPE)] * 3 + [(pretraining.SAMPLE_CUBES,)]
     hlo = run.steps.samples.lower(run.like_variables, _batch(run), RNG).compile().as_text()
     assert whole_batch_collectives(hlo) == []
 

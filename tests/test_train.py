@@ -14,12 +14,14 @@ import optax
 import pytest
 from flax.traverse_util import flatten_dict
 
-from transvw_jax import checkpointing, parallel, train
+from transvw_jax import checkpointing, parallel, training
 from transvw_jax.data import store
 from transvw_jax.models import abstract_variables, build_model
+from transvw_jax.tasks import pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from configs import default as base_config  # noqa: E402
 from configs import demo  # noqa: E402
 
 SHAPE = (16, 16, 8)
@@ -49,12 +51,12 @@ def tiny_config(store_path, **train_overrides):
 
 
 def _run_steps(config, mesh, batches):
-    run = train.build_run(config, mesh)
-    variables, state = run.init(0)
+    run = pretraining.build_run(config, mesh)
+    state = run.init(0)
     sharding = parallel.batch_sharding(mesh)
     for b in batches:
-        variables, state, m = run.steps.train(variables, state, parallel.global_batch(b, sharding))
-    return jax.device_get(variables), jax.device_get(m)
+        state, m = run.steps.train(state, parallel.global_batch(b, sharding))
+    return jax.device_get(state.variables), jax.device_get(m)
 
 
 @pytest.mark.slow
@@ -84,16 +86,16 @@ def test_eight_devices_train_like_one(tiny_store, fsdp):
 
 
 def test_step_decay_and_warmup_schedules():
-    t = train.default_config()
+    t = base_config.get_config().train
     t.update(schedule="step", decay_every=10, decay_factor=0.5, learning_rate=1e-3)
-    s = train.make_schedule(t)
+    s = training.make_schedule(t)
     assert [float(s(i)) for i in (0, 9, 10, 25)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
     t.update(schedule="cosine", warmup_steps=5, steps=25)
-    s = train.make_schedule(t)
+    s = training.make_schedule(t)
     assert float(s(0)) == 0 and float(s(5)) == pytest.approx(1e-3)
     assert float(s(25)) == pytest.approx(0, abs=1e-9)
     t.update(optimizer="sgd", grad_clip_norm=1.0)
-    assert isinstance(train.make_optimizer(t), optax.GradientTransformation)
+    assert isinstance(training.make_optimizer(t), optax.GradientTransformation)
 
 
 def _env():
@@ -178,19 +180,19 @@ def test_epoch_schedule_converts_to_steps_of_the_training_source():
     t = config.train
     t.update(schedule_unit="epochs", batch_size=8, steps=3, decay_every=2, warmup_steps=1, eval_every=2,
              checkpoint_every=1, sample_every=0, patience=5, log_every=7)
-    converted, record = train.schedule_in_steps(config, 43)  # 43 // 8 = 5 steps per epoch
+    converted, record = pretraining.schedule_in_steps(config, 43)  # 43 // 8 = 5 steps per epoch
     c = converted.train
     assert (c.steps, c.decay_every, c.warmup_steps, c.eval_every, c.checkpoint_every) == (15, 10, 5, 10, 5)
     assert (c.sample_every, c.log_every, c.schedule_unit) == (0, 7, "steps")
     assert c.patience == 3  # 5 epochs of patience = 3 evaluations every 2 epochs, rounded up
     assert record["steps_per_epoch"] == 5 and record["unit"] == "epochs" and record["decay_every"] == 10
     assert t.schedule_unit == "epochs" and t.steps == 3  # the caller's config is left as written
-    same, _ = train.schedule_in_steps(demo.get_config("runlocal"), 43)  # steps: unchanged
+    same, _ = pretraining.schedule_in_steps(demo.get_config("runlocal"), 43)  # steps: unchanged
     assert same.train.steps == demo.get_config("runlocal").train.steps
     from transvw_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match="an epoch holds no step"):
-        train.schedule_in_steps(config, 7)
+        pretraining.schedule_in_steps(config, 7)
 
 
 @pytest.mark.slow
@@ -201,11 +203,11 @@ def test_epoch_schedule_reaches_the_training_loop(tiny_store, tmp_path, caplog, 
                          checkpoint_every=1, decay_every=1, patience=50, log_every=5)
     config.train.sample_every = 2
     built = []
-    eval_dataset = train.loader.eval_dataset
-    monkeypatch.setattr(train.loader, "eval_dataset",
+    eval_dataset = pretraining.loader.eval_dataset
+    monkeypatch.setattr(pretraining.loader, "eval_dataset",
                         lambda *a, **k: built.append(1) or eval_dataset(*a, **k))
     with caplog.at_level("INFO"):
-        summary = train.train_and_evaluate(config, tmp_path)
+        summary = pretraining.train_and_evaluate(config, tmp_path)
     assert len(built) == 1
     assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step_0000010.png"]
     assert "epoch = 5 steps (40 training cubes / global batch 8)" in caplog.text
@@ -224,21 +226,21 @@ def test_released_classes_selects_the_first_classes(tmp_path):
             np.save(tmp_path / f"{prefix}_label{r}_vwGen_ex_ref_fold1.0.npy", labels)
     config = demo.get_config("runlocal")
     config.data.update(source="released", released_dir=str(tmp_path), released_folds=(1,), released_classes=3)
-    train_src, val_src, num_classes = train.open_sources(config, tmp_path)
+    train_src, val_src, num_classes = pretraining.open_sources(config, tmp_path)
     assert (len(train_src), len(val_src), num_classes) == (9, 3, 3)
     config.data.released_classes = 0  # every class in the files
-    assert train.open_sources(config, tmp_path)[2] == 5
+    assert pretraining.open_sources(config, tmp_path)[2] == 5
 
 
 def test_unusable_batch_size_and_missing_validation_are_config_errors(tiny_store, tmp_path):
     from transvw_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.batch_size=64: batch_size 64 must be in"):
-        train.train_and_evaluate(tiny_config(tiny_store, batch_size=64), tmp_path / "a")
+        pretraining.train_and_evaluate(tiny_config(tiny_store, batch_size=64), tmp_path / "a")
     no_val = tmp_path / "no_val"
     with store.StoreWriter(no_val, cube_shape=SHAPE) as w:
         for i in range(16):
             w.add("train", np.zeros(SHAPE, np.float32), i % 4)
         w.commit(num_classes=4)
     with pytest.raises(ConfigError, match="no validation cubes"):
-        train.train_and_evaluate(tiny_config(no_val), tmp_path / "b")
+        pretraining.train_and_evaluate(tiny_config(no_val), tmp_path / "b")

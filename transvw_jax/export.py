@@ -7,6 +7,8 @@ layouts). Files:
   .pt           {'state_dict': {key: torch.Tensor}}, read with torch.load(weights_only=True)
                 (never arbitrary unpickling); needs the `torch` extra.
   .safetensors  the same keys and layouts; no torch needed.
+  .h5 / .hdf5   Keras weights of the original Models Genesis / TransVW releases, read only
+                (`keras_weights`; needs the `keras` extra).
 Every file is written to a temporary name and renamed, so a crash never leaves a
 half-written export behind.
 """
@@ -24,12 +26,14 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from transvw_jax import keras_weights
 from transvw_jax.errors import CheckpointError
 from transvw_jax.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "clc_out."
+KERAS_SUFFIXES = (".h5", ".hdf5")
 # Reference registration order of the top-level blocks; keys are emitted in this order.
 _TOP_ORDER = [
     "down_tr64", "down_tr128", "down_tr256", "down_tr512",
@@ -302,10 +306,13 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], head: bool = Tru
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a reference-layout state_dict from `.pt` / `.pth` / `.safetensors`."""
+    """Read a reference-layout state_dict from `.pt` / `.pth` / `.safetensors`, or the
+    state_dict of a Keras `.h5` / `.hdf5` release after conversion (`keras_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if path.suffix.lower() in KERAS_SUFFIXES:
+        return to_torch_state_dict(keras_weights.load(path))
     if path.suffix in (".pt", ".pth"):
         torch = _import_torch(path)
         try:
@@ -326,13 +333,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    raise CheckpointError(f"{path}: unknown format; use a .pt, .pth or .safetensors file")
+    raise CheckpointError(f"{path}: unknown format; use a .pt, .pth, .safetensors, .h5 or .hdf5 file")
 
 
 def load(
     path: str | os.PathLike, like: Mapping[str, Any] | None = None, strict: bool = True
 ) -> Variables:
-    """Read `path` and convert it to Flax variables (see `from_torch_state_dict`)."""
+    """Read `path` and convert it to Flax variables (see `from_torch_state_dict`).
+
+    `.h5` / `.hdf5` files are the Keras releases (`keras_weights.load`); `like` and
+    `strict` then apply as for a PyTorch file (the TransVW Keras head is never in it, so
+    a YNet3D or EncoderClassifier `like` keeps its head, logged).
+    """
+    path = Path(path)
+    if path.suffix.lower() in KERAS_SUFFIXES:
+        loaded = keras_weights.load(path)
+        if like is None:
+            return loaded
+        try:
+            return _merge_into(loaded, like, strict)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     state_dict = read_state_dict(path)
     try:
         return from_torch_state_dict(state_dict, like=like, strict=strict)

@@ -8,14 +8,17 @@ command-line and config errors, 1 for other input errors.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from transvw_jax import hostenv
 from transvw_jax.errors import TransVWError
+from transvw_jax.fileio import load_module
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, exports.")
@@ -40,19 +43,51 @@ def _one_line(e: BaseException) -> str:
     return " ".join(lines)
 
 
-def _unknown_key(e: BaseException, argv: list[str]) -> str:
-    """Name the override whose key the config lacks (ml_collections raises a bare,
-    repeatedly quoted key, sometimes with a did-you-mean hint)."""
-    text = str(e)
-    found = re.search(r"(\w+)", text)
-    key = found.group(1) if found else text
-    suggestion = re.search(r'Did you mean "(\w+)"', text)
-    hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+# An override, as config_flags recognises one: -config.a.b or --config.a.b, --noconfig.a.b
+# for a boolean, with "=value" or the value in the next argument.
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def _unknown_key(argv: list[str]) -> str | None:
+    """The first `--config.a.b=...` override whose path the config file's config lacks, as
+    one line naming the key, its section and the closest known key. The config is loaded
+    again without the overrides and walked, so the line does not depend on the wording of
+    ml_collections' own error. None when every override exists (the error was another)."""
+    config = _config_without_overrides(argv)
+    if config is None:
+        return None
     for arg in argv:
-        path = arg.split("=", 1)[0]
-        if path.startswith("--config.") and key in path.split(".")[1:]:
-            return f"{arg}: unknown config key {key!r}{hint}"
-    return f"unknown config key {key!r}{hint}"
+        found = _OVERRIDE.match(arg)
+        if found is None:
+            continue
+        node, section = config, "config"
+        for key in found.group(1).split("."):
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                return f"{arg}: unknown config key {key!r} in {section}{hint}"
+            node, section = node[key], f"{section}.{key}"
+    return None
+
+
+def _config_without_overrides(argv: list[str]) -> ml_collections.ConfigDict | None:
+    """The config `--config path[:arg]` names, as its file returns it; None when it cannot
+    be loaded (its own error is reported instead)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if re.match(r"^--?config=", arg):
+            value = arg.split("=", 1)[1]
+        elif arg in ("-config", "--config") and i + 1 < len(argv):
+            value = argv[i + 1]
+    if not value:
+        return None
+    path, *arg = value.split(":", 1)  # as config_flags: "path:arg" calls get_config(arg)
+    try:
+        config = load_module(path).get_config(*arg)
+    except Exception:  # noqa: BLE001 - a config file can raise anything: report the original error
+        return None
+    return config if isinstance(config, ml_collections.ConfigDict) else None
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -67,7 +102,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:]
         _fail(f"cannot load the config file given to --config: {' '.join(reason)}", 2)
     except (AttributeError, KeyError) as e:
-        _fail(_unknown_key(e, argv), 2)
+        _fail(_unknown_key(argv) or f"cannot load the config file given to --config: {type(e).__name__}: "
+              f"{_one_line(e)}", 2)
     except Exception as e:  # noqa: BLE001 - a config file can raise anything (SyntaxError...)
         _fail(f"cannot load the config file given to --config: {type(e).__name__}: "
               f"{_one_line(e)}", 2)

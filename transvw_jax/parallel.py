@@ -38,6 +38,8 @@ FSDP_MIN_SIZE = 1 << 16
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """config.parallel for a config that has none (a library caller's); configs/default.py
+    holds the same values with their meanings and is the source of truth (a test keeps them equal)."""
     c = ml_collections.ConfigDict()
     c.fsdp = 1  # devices per parameter shard; 1 = replicate the state (pure data parallel)
     # auto: join a multi-process job when the environment describes one (TPU pod, SLURM,
@@ -203,12 +205,14 @@ def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> di
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def local_batch_size(global_size: int) -> int:
-    """Rows each process loads for a global batch of `global_size`."""
+def local_batch_size(global_size: int, mesh: Mesh | None = None, key: str = "train.batch_size") -> int:
+    """Rows each process loads for a global batch of `global_size` split over `mesh`
+    (default: every device); `key` names the setting in the error."""
     count = jax.process_count()
-    if global_size % count or global_size % jax.device_count():
+    devices = jax.device_count() if mesh is None else mesh.size
+    if global_size % count or global_size % devices:
         raise ConfigError(
-            f"train.batch_size={global_size} must be divisible by the device count "
-            f"({jax.device_count()} devices in {count} processes)"
+            f"{key}={global_size} must be divisible by the device count "
+            f"({devices} devices in {count} processes)"
         )
     return global_size // count

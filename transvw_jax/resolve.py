@@ -17,6 +17,7 @@ explicit value in the new config always wins.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -67,8 +68,17 @@ class Platform:
         return cls.describe(backend or jax.default_backend(), jax.device_count())
 
 
+@functools.cache
+def _warn_no_onednn(reason: str) -> None:
+    """The one line (per process and reason) saying "auto" lost the fast CPU path: every
+    model built and every resolve would otherwise repeat it. `reason` names the fix."""
+    logging.warning("model.conv_impl=auto: the oneDNN convolution cannot run here, so the CPU "
+                    "convolutions take the slower matmul form: %s", reason)
+
+
 def choose_conv_impl(value: str, p: Platform) -> tuple[str, str]:
-    """(model.conv_impl for `p`, why); ConfigError when an explicit choice cannot run."""
+    """(model.conv_impl for `p`, why); ConfigError when an explicit choice cannot run.
+    "auto" without oneDNN on one CPU device logs why, once per process (the fix included)."""
     if value == "onednn" and p.onednn:
         raise ConfigError(f"model.conv_impl: 'onednn' cannot run here: {p.onednn}")
     if value != AUTO_CONV:
@@ -79,7 +89,8 @@ def choose_conv_impl(value: str, p: Platform) -> tuple[str, str]:
         return "matmul", (f"{p.devices} CPU devices: XLA cannot split oneDNN's custom call along the "
                           "sharded batch")
     if p.onednn:
-        return "matmul", f"oneDNN unavailable: {p.onednn}"
+        _warn_no_onednn(p.onednn)
+        return "matmul", "oneDNN unavailable, see the warning"
     return "onednn", "one CPU device with oneDNN"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,22 +18,19 @@ import ml_collections
 
 from transvw_jax import (
     checkpointing,
+    configuration,
     discovery,
     export,
     finetune,
     multihost,
     parallel,
+    predict,
     resolve,
-    train,
-    transforms,
 )
 from transvw_jax.data import synthetic
-from transvw_jax.errors import ConfigError
 from transvw_jax.fileio import atomic_write_json
 from transvw_jax.models import abstract_variables, build_model, init_variables
-from transvw_jax.models.factory import validate_model_config
-
-EXPORT_FORMATS = ("pt", "safetensors")
+from transvw_jax.tasks import pretraining
 
 
 def _on_process_zero(stage: Callable[[ml_collections.ConfigDict, Path], None]):
@@ -74,7 +70,7 @@ def discover_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 def pretrain_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Pretrain on the store in the workdir (or `config.data`), resuming from the latest checkpoint."""
-    summary = train.train_and_evaluate(config, workdir)
+    summary = pretraining.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
         report = {"step": summary.step, "stopped_early": summary.stopped_early,
                   "last_train": summary.last_train, "best_eval": summary.best_eval,
@@ -113,11 +109,6 @@ def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
         step, variables = restored
         logging.info("exporting checkpoint step %d", step)
     head = config.export.head and "clc_out" in variables["params"]
-    if "transforms" in config:
-        try:
-            transforms.validate_config(config.transforms)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     for fmt in config.export.formats:
         path = workdir / "export" / f"transvw.{fmt}"
         if fmt == "pt" and not _torch_available():
@@ -128,6 +119,13 @@ def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
         logging.info("wrote %s", path)
 
 
+def predict_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Segment the scans (or classify the candidates) of `config.predict.input` with the
+    fine-tuned weights (`predict.weights`, default `<workdir>/<finetune.run_dir>`), read as
+    fine-tuning reads its data; masks, probabilities and reports in `predict.output`."""
+    predict.run_predict(config, workdir)
+
+
 def _torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -136,70 +134,19 @@ def _torch_available() -> bool:
     return True
 
 
+# The checks of every config, before any stage: `configuration.validate` (one place, one error type).
+validate = configuration.validate
+
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], None]] = {
     "synthesize": _on_process_zero(synthesize_stage),
     "synthesize_labeled": _on_process_zero(synthesize_labeled_stage),
-    "discover": _on_process_zero(discover_stage),
+    "discover": discover_stage,  # host-side phases on process 0, the auto-encoder on all
     "pretrain": pretrain_stage,
     "export": _on_process_zero(export_stage),
     "finetune": finetune_stage,
     "label_efficiency": label_efficiency_stage,
+    "predict": _on_process_zero(predict_stage),  # host-side, case by case
 }
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Check the config cheaply and early; raise ConfigError naming the key.
-
-    No side effects: nothing here starts a JAX backend or a compiler (in a multi-process
-    job `jax.distributed` is joined after this); hardware-dependent choices are made
-    later, by `transvw_jax.resolve`."""
-    stages = config.get("stages")
-    if isinstance(stages, str):
-        stages = (stages,)
-    if not stages:
-        raise ConfigError("config.stages is empty: nothing to run")
-    for name in stages:
-        if name not in STAGES:
-            raise ConfigError(f"config.stages: unknown stage {name!r}; known: {', '.join(STAGES)}")
-    validate_model_config(config.model)
-    shape = tuple(config.data.cube_shape)
-    if len(shape) != 3 or any(not isinstance(s, int) or s <= 0 or s % 8 for s in shape):
-        raise ConfigError(
-            f"data.cube_shape must be 3 positive sizes divisible by 8 (three 2x poolings), got {shape}"
-        )
-    if "transforms" in config:
-        try:
-            transforms.validate_config(config.transforms)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    for name, min_count in (("synthesize", 1), ("synthesize_labeled", 2)):
-        if name in stages:
-            _validate_synthesis(config, name, min_count)
-    if "pretrain" in stages:
-        if config.get("train") is None:
-            raise ConfigError("stage pretrain needs a config.train section")
-        train.validate_config(config)
-    if "finetune" in stages or "label_efficiency" in stages:
-        finetune.validate_config(config)
-    if "label_efficiency" in stages:
-        finetune.validate_experiment(config)
-    if "discover" in stages:
-        if config.get("discovery") is None:
-            raise ConfigError("stage discover needs a config.discovery section")
-        discovery.validate_config(config)
-    _refuse_urls({f"config.{k}": v for k, v in _config_paths(config).items()})
-    for fmt in config.get("export", {}).get("formats", ()):
-        if fmt not in EXPORT_FORMATS:
-            raise ConfigError(f"export.formats: unknown format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
-
-
-def _validate_synthesis(config: ml_collections.ConfigDict, name: str, min_count: int) -> None:
-    s = config.get(name)
-    if s is None:
-        raise ConfigError(f"stage {name} needs a config.{name} section")
-    if s.count < min_count or len(s.shape) != 3 or any(n < 8 for n in s.shape):
-        raise ConfigError(f"{name}: count must be >= {min_count} and shape 3 sizes >= 8, got {s.count}, "
-                          f"{tuple(s.shape)}")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> Path:
@@ -212,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Validate `config`, join the job's processes, resolve the automatic values for the
     training mesh, save the config into `workdir`, then run its stages in order."""
     validate(config)
-    _refuse_urls({"--workdir": str(workdir)})
+    configuration.refuse_urls({"--workdir": str(workdir)})
     if "parallel" not in config:
         with config.unlocked():
             config.parallel = parallel.default_config()
@@ -249,28 +196,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
         multihost.finish(watchdog, ok)
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-PATH_KEYS = ("data.store_dir", "data.released_dir", "discovery.volumes_dir", "finetune.dataset_dir",
-             "finetune.images_dir", "finetune.labels_dir", "finetune.pretrained")
-
-
-def _refuse_urls(paths: dict[str, str]) -> None:
-    """Every path is read and written as a local path: a gs:// URL would silently become a
-    local folder named "gs:"; refuse it with one line instead."""
-    for name, value in paths.items():
-        if _URL.match(value):
-            raise ConfigError(f"{name}={value}: cloud-storage URLs are not supported; mount the bucket "
-                              f"(e.g. gcsfuse) and give its local path")
-
-
-def _config_paths(config: ml_collections.ConfigDict) -> dict[str, str]:
-    found = {}
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = config.get(section, {}).get(name) if section in config else None
-        if isinstance(value, str) and value:
-            found[key] = value
-    return found
 
 
 def _compilation_cache(setting: str, workdir: Path) -> None:

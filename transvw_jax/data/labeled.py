@@ -9,7 +9,8 @@ Layouts read:
   of the cube centre, as in the nodule false-positive-reduction task), indexing the volume
   as `volumes.load_volume` returns it in finetune.orientation: reoriented to RAS+ ("ras") or
   the stored voxel order ("reference"); LUNA16's candidates.csv is in world millimetres and
-  needs converting first.
+  needs converting first. For prediction (`read_candidates(..., require_label=False)`) the
+  label column may be absent or empty.
 
 Every problem gets one line naming the file: an image without a label, image and label of
 different shapes or affines, non-integer label values, a label value outside dataset.json's
@@ -35,7 +36,7 @@ from transvw_jax.errors import DataError
 class Case:
     name: str
     image: Path
-    label: Path
+    label: Path | None  # None: a scan without ground truth (prediction only, `transvw_jax.predict`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,25 +126,32 @@ def split_cases(names: Sequence[str], val_fraction: float, seed: int) -> dict[st
 class Candidate:
     volume: Path
     centre: tuple[int, int, int]
-    label: int
+    label: int | None  # None only from read_candidates(require_label=False): a row to predict
 
 
-def read_candidates(path: str | os.PathLike, volumes_dir: str | os.PathLike | None = None) -> list[Candidate]:
-    """Rows of a `volume,x,y,z,label` CSV (relative volume paths resolved from `volumes_dir`)."""
+def read_candidates(path: str | os.PathLike, volumes_dir: str | os.PathLike | None = None,
+                    require_label: bool = True) -> list[Candidate]:
+    """Rows of a `volume,x,y,z,label` CSV (relative volume paths resolved from `volumes_dir`).
+
+    With `require_label=False` (prediction on unseen candidates) the label column may be
+    missing, or empty in a row, which gives `label=None`.
+    """
     path = Path(path)
     base = Path(volumes_dir) if volumes_dir else path.parent
     try:
         rows = list(csv.DictReader(path.open(newline="")))
     except OSError as e:
         raise DataError(f"{path}: unreadable ({e})") from None
+    expected = "volume,x,y,z,label" if require_label else "volume,x,y,z[,label]"
     out = []
     for line, row in enumerate(rows, start=2):
         try:
             centre = (int(row["x"]), int(row["y"]), int(row["z"]))
-            label = int(row["label"])
+            text = row["label"] if require_label else (row.get("label") or "").strip()
+            label = int(text) if require_label or text != "" else None
             volume = Path(row["volume"])
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}:{line}: expected volume,x,y,z,label with integer x, y, z and label, "
+            raise DataError(f"{path}:{line}: expected {expected} with integer x, y, z and label, "
                             f"got {dict(row)}") from None
         out.append(Candidate(volume if volume.is_absolute() else base / volume, centre, label))
     if not out:

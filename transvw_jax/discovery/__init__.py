@@ -28,6 +28,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from transvw_jax import configuration, multihost
 from transvw_jax.data import store as store_lib
 from transvw_jax.data import volumes
 from transvw_jax.discovery import autoencoder, words
@@ -35,103 +36,13 @@ from transvw_jax.errors import ConfigError, DataError
 from transvw_jax.fileio import atomic_write, atomic_write_json
 
 STORE_DIR = "store"
-MODES = ("visual_words", "random")
 DISCOVERY_DIR = "discovery"
-
-
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    # visual_words: TransVW self-discovery; random: Models Genesis cubes (random positions
-    # that pass the air test, words.random_cubes_per_patient per patient, one class).
-    c.mode = "visual_words"
-    c.volumes_dir = ""  # "" = <workdir>/volumes, where the synthesize stage writes
-    c.normalization = "ct"  # ct (HU window [-1000, 1000]) | percentile (MRI) | none
-    c.spacing = ()  # () keeps each volume's spacing; (2.0, 2.0, 2.0) resamples to 2 mm
-    c.val_fraction = 0.2  # share of the patients kept for validation instances (random split only)
-    # Subset split: the volumes of folders <volumes_dir>/<subset_pattern.format(n)>; no other
-    # folder is read. () = no subsets: the seeded random split of volumes_dir (also used when
-    # volumes_dir holds none of the named subset folders, i.e. every scan in one folder).
-    c.train_subsets = ()  # subset numbers whose patients train, e.g. (0, 1, 2, 3, 4) for LUNA16
-    c.val_subsets = ()  # subset numbers whose patients validate, e.g. (5, 6)
-    c.subset_pattern = "subset{}"  # folder name of subset n ({} = n), relative to volumes_dir
-    # ras: reoriented to RAS+; reference: the array as stored, transposed to (X, Y, Z) as the
-    # original code reads LUNA16 (the orientation the released weights saw); data/volumes.py.
-    c.orientation = "ras"
-    c.seed = 0
-    c.autoencoder = autoencoder.default_config()
-    c.words = words.default_config()
-    c.store = ml_collections.ConfigDict()
-    c.store.dtype = "uint16"  # uint16 | float16 | float32 (precision: data/store.py)
-    c.store.records_per_shard = 1024
-    return c
+RESIZED = "resized.npy"  # the volumes resized for the auto-encoder, under DISCOVERY_DIR
 
 
 def volumes_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     d = config.discovery.volumes_dir
     return Path(d) if d else workdir / "volumes"
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Cheap checks before any work; ConfigError names the key."""
-    d = config.discovery
-    if d.mode not in MODES:
-        raise ConfigError(f"discovery.mode: {d.mode!r} is not one of {', '.join(MODES)}")
-    if d.words.random_cubes_per_patient < 1:
-        raise ConfigError("discovery.words.random_cubes_per_patient must be >= 1")
-    if d.normalization not in volumes.NORMALIZATIONS:
-        raise ConfigError(f"discovery.normalization: {d.normalization!r} is not one of "
-                          f"{', '.join(volumes.NORMALIZATIONS)}")
-    if d.spacing and (len(d.spacing) != 3 or any(s <= 0 for s in d.spacing)):
-        raise ConfigError(f"discovery.spacing must be () or 3 positive sizes in mm, got {tuple(d.spacing)}")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"discovery.val_fraction must be in [0, 1), got {d.val_fraction}")
-    if d.orientation not in volumes.ORIENTATIONS:
-        raise ConfigError(f"discovery.orientation: {d.orientation!r} is not one of "
-                          f"{', '.join(volumes.ORIENTATIONS)}")
-    _validate_subsets(d)
-    size = tuple(d.autoencoder.size)
-    if len(size) != 3 or any(s <= 0 or s % 8 for s in size):
-        raise ConfigError(f"discovery.autoencoder.size must be 3 sizes divisible by 8, got {size}")
-    for key in ("width", "steps", "batch_size"):
-        if d.autoencoder[key] < 1:
-            raise ConfigError(f"discovery.autoencoder.{key} must be >= 1, got {d.autoencoder[key]}")
-    w = d.words
-    if w.train_instances < 1 or w.val_instances < 0:
-        raise ConfigError("discovery.words.train_instances must be >= 1 and val_instances >= 0")
-    if len(w.border) != 3 or any(b < 0 for b in w.border):
-        raise ConfigError(f"discovery.words.border must be 3 sizes >= 0, got {tuple(w.border)}")
-    if w.max_tries < 1:
-        raise ConfigError(f"discovery.words.max_tries must be >= 1, got {w.max_tries}")
-    for key in ("extra_size", "extra_offset"):
-        lo_hi = tuple(w[key])
-        if len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]:
-            raise ConfigError(f"discovery.words.{key} must be (low, high) with low < high, got {lo_hi}")
-    if w.extra_size[0] < 1:
-        raise ConfigError(f"discovery.words.extra_size must be positive, got {tuple(w.extra_size)}")
-    if d.store.dtype not in store_lib.CUBE_DTYPES:
-        raise ConfigError(f"discovery.store.dtype: {d.store.dtype!r} is not one of "
-                          f"{', '.join(store_lib.CUBE_DTYPES)}")
-    if d.store.records_per_shard < 1:
-        raise ConfigError("discovery.store.records_per_shard must be >= 1")
-
-
-def _validate_subsets(d: ml_collections.ConfigDict) -> None:
-    """The subset keys: whole numbers, no subset in both splits, a pattern with one {}."""
-    for key in ("train_subsets", "val_subsets"):
-        numbers = tuple(d[key])
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in numbers):
-            raise ConfigError(f"discovery.{key} must be subset numbers >= 0, got {numbers}")
-        if len(set(numbers)) != len(numbers):
-            raise ConfigError(f"discovery.{key} names a subset twice: {numbers}")
-    both = sorted(set(d.train_subsets) & set(d.val_subsets))
-    if both:
-        raise ConfigError(f"discovery.val_subsets: subset {both[0]} is also in discovery.train_subsets")
-    if d.val_subsets and not d.train_subsets:
-        raise ConfigError("discovery.train_subsets is empty but discovery.val_subsets is not: "
-                          "name the training subsets too")
-    if d.subset_pattern.count("{}") != 1 or "/" in d.subset_pattern:
-        raise ConfigError(f"discovery.subset_pattern must be one folder name holding {{}} once "
-                          f"(the subset number), got {d.subset_pattern!r}")
 
 
 def subset_folders(d: ml_collections.ConfigDict, source: Path) -> dict[str, list[Path]]:
@@ -181,30 +92,54 @@ def split_patients(count: int, val_fraction: float, seed: int) -> list[str]:
 
 
 def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
-    """Run self-discovery from `config.discovery` into `workdir`; returns the store path."""
+    """Run self-discovery from `config.discovery` into `workdir`; returns the store path.
+
+    Every process of the job calls this: the host-side phases (reading and resizing the
+    volumes; embedding, planning and writing the store) run on process 0 while the others
+    wait, and the auto-encoder trains on all of them (`autoencoder.train_autoencoder`).
+    """
     workdir = Path(workdir)
-    validate_config(config)
+    configuration.validate(config, stages=("discover",))
+    out = workdir / DISCOVERY_DIR
+    multihost.once_per_job("discover/volumes", lambda: _read_volumes(config, workdir))
+    if config.discovery.mode == "random":
+        multihost.once_per_job("discover/store", lambda: _random_store(config, workdir))
+        return workdir / STORE_DIR
+    d = config.discovery
+    cache = np.load(out / RESIZED, mmap_mode="r")
+    variables = autoencoder.train_autoencoder(cache, d.autoencoder, out / "autoencoder", model=config.model,
+                                              data=config.get("data"))
+    del cache
+    multihost.once_per_job("discover/words", lambda: _visual_words(config, workdir, variables))
+    return workdir / STORE_DIR
+
+
+def _loader(config: ml_collections.ConfigDict):
+    """path -> the normalised volume array, as every phase reads it."""
     d = config.discovery
     cube = tuple(int(s) for s in config.data.cube_shape)
     spacing = tuple(float(s) for s in d.spacing) or None
-    source = volumes_dir(config, workdir)
-    files, split_of = patient_files(d, source)
-    if not files:
-        raise DataError(f"{source}: no volumes ({', '.join(volumes.SUFFIXES)})")
 
     def load_file(path: Path) -> np.ndarray:
         return volumes.load_volume(path, normalization=d.normalization, spacing=spacing, min_shape=cube,
                                    orientation=d.orientation).array
 
+    return load_file
+
+
+def _read_volumes(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """List the volumes, resize the usable ones into `resized.npy`, split the patients and
+    record them in `patients.json` (what the later phases read)."""
+    d = config.discovery
+    source = volumes_dir(config, workdir)
+    files, split_of = patient_files(d, source)
+    if not files:
+        raise DataError(f"{source}: no volumes ({', '.join(volumes.SUFFIXES)})")
     out = workdir / DISCOVERY_DIR
     out.mkdir(parents=True, exist_ok=True)
-    cache, paths, skipped = autoencoder.build_cache(files, load_file, d.autoencoder.size, out / "resized.npy")
+    cache, paths, skipped = autoencoder.build_cache(files, _loader(config), d.autoencoder.size, out / RESIZED)
+    del cache
     logging.info("discover: %d usable volumes in %s (%d skipped)", len(paths), source, len(skipped))
-
-    @lru_cache(maxsize=2)
-    def load(i: int) -> np.ndarray:
-        return load_file(paths[i])
-
     if split_of is None:
         splits = split_patients(len(paths), d.val_fraction, d.seed)
         split_by = {"random": {"val_fraction": float(d.val_fraction), "seed": int(d.seed)}}
@@ -216,17 +151,45 @@ def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
                                               "skipped": [[str(p), why] for p, why in skipped],
                                               "split_by": split_by, "orientation": d.orientation},
                       indent=1, sort_keys=True)
-    if d.mode == "random":
-        del cache
 
-        def fill_random(writer: store_lib.StoreWriter) -> dict[str, int]:
-            counts = words.extract_random(paths, splits, load, writer, cube, d.words, d.seed)
-            # No plan to write beforehand in this mode: record what the air filter cost instead.
-            atomic_write_json(out / "plan.json", {"mode": "random", **counts}, indent=1, sort_keys=True)
-            return counts
-        return _write_store(config, workdir, cube, 1, fill_random)
-    variables = autoencoder.train_autoencoder(cache, d.autoencoder, out / "autoencoder")
-    embeddings = autoencoder.embed(cache, variables, d.autoencoder.width)
+
+def _patients(config: ml_collections.ConfigDict, workdir: Path):
+    """(paths, splits, load(i)) of the usable patients `_read_volumes` recorded."""
+    record = json.loads((workdir / DISCOVERY_DIR / "patients.json").read_text())
+    paths = [Path(p) for p in record["patients"]]
+    load_file = _loader(config)
+
+    @lru_cache(maxsize=2)
+    def load(i: int) -> np.ndarray:
+        return load_file(paths[i])
+
+    return paths, record["splits"], load
+
+
+def _random_store(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Models Genesis: cubes at random positions that pass the air test, label 0."""
+    d = config.discovery
+    cube = tuple(int(s) for s in config.data.cube_shape)
+    paths, splits, load = _patients(config, workdir)
+
+    def fill_random(writer: store_lib.StoreWriter) -> dict[str, int]:
+        counts = words.extract_random(paths, splits, load, writer, cube, d.words, d.seed)
+        # No plan to write beforehand in this mode: record what the air filter cost instead.
+        atomic_write_json(workdir / DISCOVERY_DIR / "plan.json", {"mode": "random", **counts}, indent=1,
+                          sort_keys=True)
+        return counts
+
+    _write_store(config, workdir, cube, 1, fill_random)
+
+
+def _visual_words(config: ml_collections.ConfigDict, workdir: Path, variables: dict) -> None:
+    """Embed every patient, plan the visual words and write them into the store."""
+    d = config.discovery
+    out = workdir / DISCOVERY_DIR
+    cube = tuple(int(s) for s in config.data.cube_shape)
+    paths, splits, load = _patients(config, workdir)
+    cache = np.load(out / RESIZED, mmap_mode="r")
+    embeddings = autoencoder.embed(cache, variables, d.autoencoder.width, model=config.model)
     del cache
     atomic_write(out / "embeddings.npy", lambda tmp: np.save(tmp, embeddings), suffix=".tmp.npy")
 
@@ -238,7 +201,7 @@ def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
         "redrawn_references": plan.redrawn.tolist(),
         "reference_redraws": len(plan.redrawn),
     }, indent=1, sort_keys=True)
-    return _write_store(config, workdir, cube, config.model.num_classes, lambda writer: {
+    _write_store(config, workdir, cube, config.model.num_classes, lambda writer: {
         **words.extract(plan, paths, load, writer, cube), "reference_redraws": len(plan.redrawn)})
 
 

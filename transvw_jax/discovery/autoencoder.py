@@ -7,45 +7,32 @@ patients in that space share anatomy, which is what makes a coordinate comparabl
 them.
 
 Memory stays bounded by one full-size volume: the resized volumes are written once, one
-patient at a time, into a memory-mapped cache (`resized.npy`, float16: 2 bytes per voxel,
-4 MiB per patient at 128 x 128 x 64), and training and embedding read batches from it.
-
-The U-Net uses `bn="standard"` here: running statistics at eval time make a patient's
-embedding independent of which other patients share its batch.
+patient at a time, into a memory-mapped cache (`resized.npy`, float16: 2 bytes per voxel),
+and training and embedding read batches from it. Training is the engine's
+(`tasks.autoencoder` on `training.fit`): every process takes part, it resumes from its
+checkpoints, and it uses the configured convolution.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from transvw_jax import checkpointing
+from transvw_jax import parallel, training
 from transvw_jax.data.resize import resize_linear
-from transvw_jax.errors import DataError
-from transvw_jax.models import UNet3D, init_variables
+from transvw_jax.errors import ConfigError, DataError
 from transvw_jax.models.unet3d import _encoder
 from transvw_jax.progress import Progress
-
-
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.size = (128, 128, 64)  # volumes are resized to this (each divisible by 8)
-    c.width = 32  # U-Net width; embeddings have 16 * width dimensions
-    c.steps = 2000
-    c.batch_size = 4
-    c.learning_rate = 1e-3
-    c.seed = 0
-    return c
+from transvw_jax.tasks import autoencoder as tasks_autoencoder
 
 
 def build_cache(files: Sequence[Path], load: Callable[[Path], np.ndarray], size: Sequence[int],
@@ -97,60 +84,72 @@ class _Encoder(nn.Module):
     """The U-Net's encoder alone, under the same parameter names as in UNet3D."""
 
     width: int
+    dtype: Any = jnp.float32
+    conv_impl: str = "xla3d"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        bottleneck, _ = _encoder(x, self.width, "standard", jnp.float32, False)
+        bottleneck, _ = _encoder(x, self.width, "standard", self.dtype, False, self.conv_impl)
         return bottleneck.astype(jnp.float32).mean(axis=(1, 2, 3))
 
 
-def train_autoencoder(cache: np.ndarray, cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """Train (or reload) the auto-encoder on the resized volumes; returns its variables.
+def loop_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The training-loop keys `training.fit` reads, from `discovery.autoencoder`: Adam at
+    a constant learning rate, no validation (the embedding is the product, not the loss)."""
+    return ml_collections.ConfigDict({
+        "batch_size": int(cfg.batch_size), "steps": int(cfg.steps), "seed": int(cfg.seed),
+        "learning_rate": float(cfg.learning_rate), "optimizer": "adam", "schedule": "constant",
+        "log_every": int(cfg.get("log_every", 10)), "checkpoint_every": int(cfg.get("checkpoint_every", 500)),
+        "keep_checkpoints": int(cfg.get("keep_checkpoints", 1)), "patience": 0})
 
-    The final variables are saved as an Orbax checkpoint under `workdir/checkpoints`; a
-    later run with the same settings finds it and skips training.
+
+def mesh_for(batch_size: int, name: str = "discovery.autoencoder.batch_size"):
+    """A data-parallel mesh of every process's first k devices, k the most that divide
+    each process's share of `batch_size`: a batch of 4 volumes trains on 4 of 8 GPUs
+    rather than failing, and every process takes part (so the loop's collectives,
+    checkpoints and preemption work as in pretraining)."""
+    count = jax.process_count()
+    if batch_size % count:
+        raise ConfigError(f"{name}={batch_size} must be a multiple of the {count} processes")
+    share = batch_size // count
+    k = max(d for d in range(1, min(jax.local_device_count(), share) + 1) if share % d == 0)
+    devices = [d for p in range(count)
+               for d in sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)[:k]]
+    return parallel.make_mesh(1, devices)
+
+
+def train_autoencoder(cache: np.ndarray, cfg: ml_collections.ConfigDict, workdir: Path,
+                      model: ml_collections.ConfigDict | None = None,
+                      data: ml_collections.ConfigDict | None = None) -> dict:
+    """Train the auto-encoder on the resized volumes in `workdir` (resuming from its latest
+    checkpoint: a finished run is reused as it is); returns its variables as host arrays.
+
+    Every process of the job calls this. `model`: the run's `config.model` (its conv_impl
+    and dtype); `data`: its `config.data` (reader threads).
     """
-    model = UNet3D(width=cfg.width, bn="standard")
-    key = jax.random.key(cfg.seed)
-    variables = init_variables(model, key)
-    restored = checkpointing.restore_variables(workdir, variables)
-    if restored is not None and restored[0] == cfg.steps:
-        logging.info("discover/autoencoder: reusing %s (step %d)", checkpointing.checkpoint_dir(workdir),
-                     restored[0])
-        return restored[1]
-
-    tx = optax.adam(cfg.learning_rate)
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, stats, opt_state, x):
-        x = x.astype(jnp.float32)[..., None]
-
-        def loss_fn(p):
-            y, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-            return jnp.mean((y - x) ** 2), upd["batch_stats"]
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    rng = np.random.default_rng(cfg.seed)
-    batch = min(cfg.batch_size, len(cache))
-    progress = Progress("discover/autoencoder", cfg.steps, "steps")
-    for _ in range(cfg.steps):
-        idx = np.sort(rng.choice(len(cache), size=batch, replace=False))
-        params, stats, opt_state, loss = step(params, stats, opt_state, np.asarray(cache[idx]))
-        progress.update(extra=f"mse {float(loss):.5f}")
-    progress.done()
-    variables = {"params": params, "batch_stats": stats}
-    checkpointing.save(workdir, cfg.steps, variables, max_to_keep=1)
-    return variables
+    model = model if model is not None else ml_collections.ConfigDict({"conv_impl": "auto"})
+    data = data if data is not None else ml_collections.ConfigDict()
+    t = loop_config(cfg)
+    t.batch_size = min(t.batch_size, len(cache))
+    mesh = mesh_for(t.batch_size)
+    task = tasks_autoencoder.make_task(model, cfg.width, mesh)
+    run = training.place(task, training.make_optimizer(t), mesh)
+    reader = ml_collections.ConfigDict({"num_threads": int(data.get("num_threads", 2)),
+                                        "prefetch": int(data.get("prefetch", 4))})
+    summary = training.fit(run, t, reader, workdir, train_source=tasks_autoencoder.ResizedVolumes(cache),
+                           config_section="discovery.autoencoder")
+    if summary.resumed_from == t.steps:
+        logging.info("discover/autoencoder: reusing %s (step %d)", summary.checkpoint_dir, t.steps)
+    # Replicated over the mesh (fsdp 1): any local shard is the whole array.
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), summary.variables)
 
 
-def embed(cache: np.ndarray, variables: dict, width: int, batch_size: int = 4) -> np.ndarray:
-    """(P, 16 * width) float32: the global average pool of each volume's bottleneck."""
-    encoder = _Encoder(width=width)
+def embed(cache: np.ndarray, variables: dict, width: int, batch_size: int = 4,
+          model: ml_collections.ConfigDict | None = None) -> np.ndarray:
+    """(P, 16 * width) float32: the global average pool of each volume's bottleneck, on this
+    process's first device. `model`: the run's `config.model` (conv_impl, dtype)."""
+    net = tasks_autoencoder.make_model(model if model is not None else ml_collections.ConfigDict(), width)
+    encoder = _Encoder(width=width, dtype=net.dtype, conv_impl=net.conv_impl)
     apply = jax.jit(lambda v, x: encoder.apply(v, x.astype(jnp.float32)[..., None]))
     out = []
     for start in range(0, len(cache), batch_size):

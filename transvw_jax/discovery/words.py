@@ -55,23 +55,6 @@ AIR_DEPTH = 3
 TRIES_PER_RANDOM_CUBE = 50
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.train_instances = 200  # nearest training patients per class (the reference included)
-    c.val_instances = 30  # nearest validation patients per class
-    c.border = (100, 100, 30)  # voxels kept free around a coordinate in the reference
-    c.min_distance = 5.0  # voxels between the coordinates of two classes
-    c.air_threshold = 0.425  # -150 HU on the [-1000, 1000] HU window
-    c.max_air_score = 0.15  # the originals' lung_max: reject a cube whose mean air_scores is above it
-    c.max_tries = 200
-    c.extra_resolutions = 2
-    c.extra_size = (50, 80)  # in-plane crop size, [low, high)
-    c.extra_offset = (-10, 10)  # in-plane offset of that crop's corner from the cube's, [low, high)
-    # discovery.mode="random" (Models Genesis) only: the paper's scale, cubes wanted per patient
-    c.random_cubes_per_patient = 32
-    return c
-
-
 @dataclasses.dataclass(frozen=True)
 class Crop:
     """One cube to cut: where (in which patient, from which start) and what it becomes."""

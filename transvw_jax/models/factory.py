@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from transvw_jax import native
 from transvw_jax.errors import ConfigError
-from transvw_jax.models.layers import BN_MODES, CONV_IMPLS, default_conv_impl
+from transvw_jax.models.layers import default_conv_impl
 from transvw_jax.models.unet3d import EncoderClassifier, UNet3D, YNet3D
 
 MODELS = {"unet3d": UNet3D, "ynet3d": YNet3D, "encoder_classifier": EncoderClassifier}
@@ -19,43 +19,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def validate_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a `config.model` section and return the module's keyword arguments, with
-    conv_impl possibly still "auto". Pure: starts no JAX backend and no compiler (the
-    command validates before `jax.distributed` is joined).
-
-    Raises:
-      ConfigError naming the offending `model.*` key.
-    """
+def _module_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The module's keyword arguments from a checked `config.model` section (missing keys
+    take the defaults `configuration.validate_model` assumes)."""
     name = cfg.get("name", "ynet3d")
-    if name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {name!r}; choose one of {sorted(MODELS)}")
-    width = cfg.get("width", 32)
-    if not isinstance(width, int) or width < 1:
-        raise ConfigError(f"model.width must be a positive integer, got {width!r}")
-    bn = cfg.get("bn", "reference")
-    if bn not in BN_MODES:
-        raise ConfigError(f"model.bn must be one of {list(BN_MODES)}, got {bn!r}")
-    dtype_name = cfg.get("dtype", "float32")
-    if dtype_name not in DTYPES:
-        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
-    conv_impl = cfg.get("conv_impl", "auto")
-    if conv_impl not in ("auto", *CONV_IMPLS):
-        raise ConfigError(f"model.conv_impl must be one of {['auto', *CONV_IMPLS]}, got {conv_impl!r}")
-    kwargs = dict(width=width, bn=bn, dtype=DTYPES[dtype_name], conv_impl=conv_impl)
+    kwargs = dict(width=cfg.get("width", 32), bn=cfg.get("bn", "reference"),
+                  dtype=DTYPES[cfg.get("dtype", "float32")], conv_impl=cfg.get("conv_impl", "auto"))
     if name == "unet3d":
-        out_channels = cfg.get("out_channels", 1)
-        if not isinstance(out_channels, int) or out_channels < 1:
-            raise ConfigError(f"model.out_channels must be a positive integer, got {out_channels!r}")
-        activation = cfg.get("activation", "sigmoid")
-        if activation not in ("sigmoid", "none"):
-            raise ConfigError(f"model.activation must be 'sigmoid' or 'none', got {activation!r}")
-        kwargs.update(out_channels=out_channels, activation=activation)
+        kwargs.update(out_channels=cfg.get("out_channels", 1), activation=cfg.get("activation", "sigmoid"))
     else:
-        num_classes = cfg.get("num_classes", 44)
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
-        kwargs["num_classes"] = num_classes
+        kwargs["num_classes"] = cfg.get("num_classes", 44)
     return kwargs
 
 
@@ -72,7 +45,11 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     Raises:
       ConfigError naming the offending `model.*` key.
     """
-    kwargs = validate_model_config(cfg)
+    # Imported here: configuration reads the layer constants of this package.
+    from transvw_jax import configuration
+
+    configuration.validate_model(cfg)
+    kwargs = _module_kwargs(cfg)
     if kwargs["conv_impl"] == "auto":
         kwargs["conv_impl"] = default_conv_impl()
     elif kwargs["conv_impl"] == "onednn" and (reason := native.unavailable_reason()):

@@ -173,7 +173,8 @@ def default_conv_impl(backend: str | None = None) -> str:
     compiler). On the CPU backend "onednn" where it can run (see `transvw_jax.native`)
     and there is one device: XLA does not know how to split a custom call along a
     sharded batch, so with several (simulated) CPU devices "matmul", XLA's own fast path,
-    keeps the batch sharded. Without oneDNN, "matmul" too."""
+    keeps the batch sharded. Without oneDNN (no C++ compiler, no oneDNN headers, another
+    platform), "matmul" too, and one warning per process names the reason and the fix."""
     from transvw_jax import resolve  # the one decision, also the command's
 
     return resolve.choose_conv_impl("auto", resolve.Platform.current(backend))[0]

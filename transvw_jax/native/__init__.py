@@ -4,10 +4,12 @@ the TransVW elastic deformation behind `transforms.elastic.impl = "native"`.
 XLA:CPU has no fast 3D convolution; oneDNN (the library PyTorch's CPU convolutions run
 on) does. `onednn_conv.cc` wraps its forward, input-gradient and kernel-gradient
 convolutions as XLA FFI custom calls. It is compiled here on first use (a few seconds,
-g++), against the headers of the installed jaxlib and of oneDNN (the `onednn` extra:
-PyPI's `onednn-cpu-gomp` + `onednn-devel-cpu-gomp`, or `$TRANSVW_ONEDNN_ROOT` pointing at
-a prefix with include/oneapi/dnnl and lib/libdnnl.so), and cached as a shared library
-keyed by everything that goes into it. Nothing here runs unless that path is chosen.
+g++), against the headers of the installed jaxlib and of oneDNN (PyPI's `onednn-cpu-gomp` +
+`onednn-devel-cpu-gomp`, dependencies of transvw-jax on Linux x86-64, or
+`$TRANSVW_ONEDNN_ROOT` pointing at a prefix with include/oneapi/dnnl and lib/libdnnl.so),
+and cached as a shared library keyed by everything that goes into it. Nothing here runs
+unless that path is chosen. Every reason it cannot run (`unavailable_reason`) names the
+fix, because "auto" then falls back to the slower matmul form with only that one line.
 
 `elastic_cpu.cc` needs only a C++ compiler and jaxlib's FFI headers (no oneDNN). It is
 compiled for this machine's CPU (`-march=native`), so its cache key includes the CPU's
@@ -43,6 +45,15 @@ TARGETS = {
 }
 
 
+# The oneDNN packages pyproject.toml installs on Linux x86-64: the fix named when they are
+# missing (tests/test_native_default.py checks the two agree).
+ONEDNN_PIP = ("onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0")
+
+
+def _onednn_pip_here() -> bool:
+    return platform.system() == "Linux" and platform.machine() == "x86_64"
+
+
 class NativeUnavailable(RuntimeError):
     """A native kernel cannot be built or loaded here; the message says why."""
 
@@ -69,9 +80,12 @@ def find_onednn() -> tuple[Path, Path]:
         if (prefix / "include/oneapi/dnnl/dnnl.hpp").is_file() and lib is not None:
             return prefix / "include", lib
     where = env if env else ", ".join(str(p) for p in prefixes)
-    raise OneDNNUnavailable(
-        f"oneDNN headers and libdnnl.so not found under {where}: pip install 'transvw-jax[onednn]' "
-        f"(or set {ROOT_ENV})")
+    if _onednn_pip_here():
+        fix = f"pip install {' '.join(repr(r) for r in ONEDNN_PIP)} (or set {ROOT_ENV})"
+    else:
+        fix = (f"transvw-jax installs oneDNN from PyPI on Linux x86-64 only; on {platform.system()} "
+               f"{platform.machine()} set {ROOT_ENV} to a oneDNN installation with its headers")
+    raise OneDNNUnavailable(f"oneDNN headers and libdnnl.so not found under {where}: {fix}")
 
 
 def cache_dir() -> Path:
@@ -89,7 +103,8 @@ def _compile(source: Path, flags: list[str], out_dir: Path | None, key_extra: st
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         name = os.environ.get("CXX", "g++")
-        raise error(f"no C++ compiler ({name}) on PATH to build {source.name}")
+        raise error(f"no C++ compiler ({name}) on PATH to build {source.name}: install g++ "
+                    "(e.g. apt-get install g++) or set CXX to a C++17 compiler")
     cmd = [compiler, "-std=c++17", "-w", "-shared", "-fPIC", str(source), f"-I{jax.ffi.include_dir()}",
            *flags]
     recipe = "\0".join([source.read_text(), jax.__version__, key_extra, *cmd[1:]])
@@ -105,7 +120,9 @@ def _compile(source: Path, flags: list[str], out_dir: Path | None, key_extra: st
         done = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:300])
-            raise error(f"building {source.name} failed: {first}")
+            first = first or f"exit status {done.returncode}"
+            raise error(f"building {source.name} with {compiler} failed: {first} "
+                        "(set CXX to another C++17 compiler, e.g. g++)")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -155,8 +172,10 @@ def _reason(loader) -> str | None:
     """None when `loader()` succeeds, else why it cannot build or load."""
     try:
         loader()
-    except (NativeUnavailable, OSError) as e:
+    except NativeUnavailable as e:
         return str(e)
+    except OSError as e:  # an unwritable cache directory, or a library that does not load
+        return f"{e} (if that is the cache, set {CACHE_ENV} to a writable directory)"
     return None
 
 

@@ -29,3 +29,17 @@ def flip_coords(parity, shape, coords):
     """Per-axis coordinates (broadcastable int arrays) mirrored where `parity` is set: the
     source coordinates of a flip, to fold it into a gather."""
     return [jnp.where(p, n - 1 - c, c) for p, n, c in zip(parity, shape, coords, strict=True)]
+
+
+def flip_each_axis(keys: jax.Array, prob: float, *arrays: jax.Array) -> list[jax.Array]:
+    """Fine-tuning's augmentation: per sample, each axis flipped with `prob`, the same flips
+    on every array (an image and its label)."""
+
+    def one(key, *xs):
+        f = jax.random.bernoulli(key, prob, (3,))
+        out = list(xs)
+        for axis in range(3):
+            out = [jnp.where(f[axis], jnp.flip(x, axis), x) for x in out]
+        return tuple(out)
+
+    return list(jax.vmap(one)(keys, *arrays))

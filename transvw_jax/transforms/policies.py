@@ -27,8 +27,7 @@ import ml_collections
 import numpy as np
 
 from transvw_jax.transforms import cube_ops as C
-from transvw_jax.transforms.elastic import ELASTIC_IMPLS, elastic, elastic_at
-from transvw_jax.transforms.elastic import check_impl as check_elastic_impl
+from transvw_jax.transforms.elastic import elastic, elastic_at
 from transvw_jax.transforms.elastic import resolve_impl as resolve_elastic_impl
 from transvw_jax.transforms.flip import flip_axes, flip_coords
 from transvw_jax.transforms.intensity import apply_table, nonlinear_curve
@@ -45,7 +44,9 @@ TRANSFORM_NAMES = ("local_shuffle", "nonlinear", "in_paint", "out_paint", "flip"
 
 
 def default_config(policy: str = "transvw") -> ml_collections.ConfigDict:
-    """Transform settings with the reference defaults of `policy` (transvw | genesis)."""
+    """Transform settings with the reference defaults of `policy` (transvw | genesis), for
+    library callers; configs/default.py (transvw) and configs/luna16_genesis.py (genesis) hold
+    the same values with their meanings (a test keeps them equal)."""
     if policy not in ("transvw", "genesis"):
         raise ValueError(f"transforms.policy must be 'transvw' or 'genesis', got {policy!r}")
     genesis = policy == "genesis"
@@ -68,33 +69,18 @@ def default_config(policy: str = "transvw") -> ml_collections.ConfigDict:
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first bad `transforms.*` value."""
-    if cfg.policy not in ("transvw", "genesis"):
-        raise ValueError(f"transforms.policy: unknown policy {cfg.policy!r}; known: genesis, transvw")
-    weights = np.asarray(cfg.choice_weights, np.float64)
-    if weights.shape != (4,) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError(f"transforms.choice_weights must be 4 non-negative weights, not all 0; "
-                         f"got {tuple(cfg.choice_weights)}")
-    for name in ("flip.prob", "local_shuffle.prob", "nonlinear.prob", "paint.prob", "paint.inpaint_prob"):
-        section, field = name.split(".")
-        value = cfg[section][field]
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"transforms.{name} must be a probability in [0, 1], got {value!r}")
-    for name in ("local_shuffle.num_blocks", "in_paint.max_blocks", "out_paint.max_extra_blocks",
-                 "flip.max_flips"):
-        section, field = name.split(".")
-        value = cfg[section][field]
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"transforms.{name} must be a non-negative integer, got {value!r}")
-    chunk = cfg.get("batch_chunk", -1)
-    if not isinstance(chunk, int) or chunk < -1:
-        raise ValueError(f"transforms.batch_chunk must be -1 (auto), 0 (whole batch) or a positive "
-                         f"number of cubes, got {chunk!r}")
-    if cfg.in_paint.max_blocks < 1:
-        raise ValueError("transforms.in_paint.max_blocks must be at least 1")
-    impl = cfg.elastic.get("impl", "auto")
-    if cfg.elastic.enabled or impl not in ELASTIC_IMPLS:
-        check_elastic_impl(impl)
+    """Raise ValueError naming the first bad `transforms.*` value.
+
+    The checks are `transvw_jax.configuration.validate_transforms` (every config check
+    lives there and raises ConfigError); this keeps the ValueError its library callers
+    catch."""
+    from transvw_jax import configuration  # imports this package: not at module level
+    from transvw_jax.errors import ConfigError
+
+    try:
+        configuration.validate_transforms(cfg)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- policies
