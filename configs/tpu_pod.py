@@ -7,8 +7,9 @@ Launch the same command on every worker (`launch/tpu_pod.sh setup`, once, then
 jax.distributed is joined from the environment (parallel.distributed = "auto" detects TPU
 pods and SLURM), so no process count or coordinator address is needed.
 
-Discovery is NOT run here: it is a single-host job (process 0 would do all of it while the
-other workers wait). Run it once beforehand on one machine, e.g.
+Discovery is NOT run here: most of it is host-side work (reading, resizing and cropping
+the volumes on process 0 while the other workers wait; only its small auto-encoder trains
+on every worker). Run it once beforehand on one machine, e.g.
   python -m transvw_jax.main --config configs/luna16_transvw.py --workdir /mnt/disks/data \\
       --config.stages="('discover',)" --config.discovery.volumes_dir=/path/to/LUNA16
 which writes /mnt/disks/data/store, the store this config reads.

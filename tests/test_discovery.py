@@ -408,3 +408,65 @@ def test_subset_and_orientation_keys_are_validated(key, value, message):
     config.discovery.val_subsets = (5, 6)
     with pytest.raises(ConfigError, match="discovery.train_subsets is empty"):
         configuration.validate(config, stages=("discover",))
+
+
+# --------------------------------------------------------------------------- the auto-encoder on the engine
+
+
+def _ae_config(steps):
+    import ml_collections
+
+    return ml_collections.ConfigDict({"size": (16, 16, 8), "width": 2, "steps": steps, "batch_size": 4,
+                                      "learning_rate": 1e-3, "seed": 0, "log_every": 1,
+                                      "checkpoint_every": 500, "keep_checkpoints": 1})
+
+
+@pytest.mark.slow
+def test_a_weights_only_auto_encoder_checkpoint_is_reused_or_set_aside(tmp_path, caplog):
+    """Workdirs of earlier versions hold the finished auto-encoder as weights only: the same
+    step count reuses them; another is set aside and trained anew (the engine cannot resume
+    from weights alone), instead of a raw Orbax KeyError."""
+    import jax
+    import ml_collections
+
+    from transvw_jax import checkpointing
+    from transvw_jax.discovery import autoencoder
+    from transvw_jax.models import init_variables
+    from transvw_jax.tasks import autoencoder as ae_task
+
+    model_cfg = ml_collections.ConfigDict({"conv_impl": "xla3d"})
+    variables = init_variables(ae_task.make_model(model_cfg, 2), jax.random.key(7))
+    checkpointing.save(tmp_path, 3, variables)
+    cache = np.random.default_rng(0).random((5, 16, 16, 8)).astype(np.float16)
+    with caplog.at_level("INFO"):
+        reused = autoencoder.train_autoencoder(cache, _ae_config(3), tmp_path, model=model_cfg)
+    assert "reusing" in caplog.text and "weights only" in caplog.text
+    for a, b in zip(jax.tree.leaves(reused), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    trained = autoencoder.train_autoencoder(cache, _ae_config(1), tmp_path, model=model_cfg)
+    assert (tmp_path / "checkpoints.weights-only" / "3").is_dir()
+    assert (tmp_path / "checkpoints" / "1" / checkpointing.TRAIN_STATE).is_dir()
+    assert jax.tree.structure(trained) == jax.tree.structure(reused)
+
+
+def test_the_auto_encoder_batch_follows_the_volumes_and_processes():
+    from transvw_jax.discovery import autoencoder
+
+    assert autoencoder.global_batch(4, 12) == 4
+    assert autoencoder.global_batch(4, 3) == 3  # fewer volumes than the setting
+    mesh = autoencoder.mesh_for(3)  # 3 volumes on 8 simulated devices: 3 of them
+    assert mesh.size == 3
+
+
+def test_a_weights_only_checkpoint_is_no_run_to_resume(tmp_path):
+    import jax
+
+    from transvw_jax import checkpointing
+    from transvw_jax.errors import CheckpointError
+    from transvw_jax.models import UNet3D, abstract_variables, init_variables
+
+    model = UNet3D(width=2)
+    checkpointing.save(tmp_path, 2, init_variables(model, jax.random.key(0)))
+    like = abstract_variables(model)
+    with pytest.raises(CheckpointError, match="holds the weights only"):
+        checkpointing.RunCheckpointer(tmp_path).restore(2, like, {})

@@ -36,9 +36,9 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
 
 
 def _manager(directory: Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    # These variable-only checkpoints are written and read by one process on its own (the
-    # discovery auto-encoder on process 0, export, fine-tuning's weight import): Orbax must
-    # not wait for the job's other processes, which are not there.
+    # These variable-only checkpoints are written and read by one process on its own (export,
+    # convert, fine-tuning's weight import): Orbax must not wait for the job's other
+    # processes, which are not there.
     local = ocp.options.MultiprocessingOptions(
         primary_host=jax.process_index(), active_processes={jax.process_index()},
         barrier_sync_key_prefix=f"local{jax.process_index()}")
@@ -290,6 +290,12 @@ class RunCheckpointer:
         With `iterator`, also sets it to the checkpoint's data position (before the arrays
         are read, so its first batches load meanwhile); see `_restore_iterator`.
         """
+        where = Path(self._latest.directory) / str(step)
+        if not (where / TRAIN_STATE).is_dir() or not (where / DATA_STATE).is_dir():
+            raise CheckpointError(
+                f"{where}: holds the weights only (an export, a conversion or an older auto-encoder "
+                "checkpoint), not a training run to resume: use another workdir, or read it as "
+                "finetune.pretrained / predict.weights")
         _check_stored_variables(self._latest, step, variables_like)
         data_state = dict(self._latest.restore(
             step, args=ocp.args.Composite(**{DATA_STATE: ocp.args.JsonRestore()}))[DATA_STATE])

@@ -106,7 +106,8 @@ def validate(config: ml_collections.ConfigDict, stages: tuple[str, ...] | None =
     if "label_efficiency" in stages:
         _check_experiment(config)
     if "predict" in stages:
-        _check_predict(config)
+        # Inputs an earlier stage of this run may write are checked when predict starts.
+        _check_predict(config, paths_exist=stages.index("predict") == 0)
     if "discover" in stages:
         _check_discovery(config)
     _check_paths(config)
@@ -366,10 +367,10 @@ def _check_experiment(config: ml_collections.ConfigDict) -> None:
 # --------------------------------------------------------------------------- prediction
 
 
-def _check_predict(config: ml_collections.ConfigDict) -> None:
-    """The predict stage's inputs exist, and the fine-tuning keys it repeats (how data is
-    read, the patch, sliding windows) are valid: before any weights are loaded. Whether the
-    weights exist is checked by the stage, which knows the workdir."""
+def _check_predict(config: ml_collections.ConfigDict, paths_exist: bool = True) -> None:
+    """The predict stage's inputs exist (with `paths_exist`), and the fine-tuning keys it
+    repeats (how data is read, the patch, sliding windows) are valid: before any weights
+    are loaded. Whether the weights exist is checked by the stage, which knows the workdir."""
     p = _section(config, "predict", "predict")
     f = _section(config, "finetune", "predict")
     _one_of(f.task, TASKS, "finetune.task")
@@ -385,6 +386,8 @@ def _check_predict(config: ml_collections.ConfigDict) -> None:
         "a folder of volumes (or an nnU-Net imagesTs folder) or one volume"
     if not p.input:
         raise ConfigError(f"predict.input is empty: name {what} to predict")
+    if not paths_exist:
+        return
     source = Path(p.input)
     if not source.exists():
         raise ConfigError(f"predict.input={p.input}: no such file or directory (expected {what})")

@@ -74,8 +74,8 @@ def output_format(dst: str | os.PathLike) -> str:
       ConfigError for a suffix that names no output format.
     """
     dst = Path(dst)
-    if dst.suffix in FILE_OUTPUTS and not dst.is_dir():
-        return FILE_OUTPUTS[dst.suffix]
+    if dst.suffix.lower() in FILE_OUTPUTS and not dst.is_dir():
+        return FILE_OUTPUTS[dst.suffix.lower()]
     if dst.is_dir() or not dst.suffix:
         return "Orbax checkpoint"
     raise ConfigError(f"{dst}: unknown output format; use a .safetensors or .pt file, or a directory "

@@ -350,7 +350,7 @@ class AlignedFirstCall:
 
 
 def aligned(steps: Any) -> Any:
-    """`steps` (a dataclass of jitted functions, e.g. train.Steps) with every function an
+    """`steps` (a dataclass of jitted functions, e.g. training.Steps) with every function an
     AlignedFirstCall."""
     import dataclasses
 

@@ -445,8 +445,10 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
     reads its data (`config.finetune`); outputs in `predict.output` (default
     `<workdir>/predict`), with `predict.json` recording what was used. Returns the report
     (empty without labels)."""
+    from transvw_jax import configuration
     from transvw_jax.finetune import make_model  # the network fine-tuning trained
 
+    configuration.validate(config, stages=("predict",))  # the inputs exist now
     f, p = config.finetune, config.predict
     workdir = Path(workdir)
     out = output_dir(config, workdir)

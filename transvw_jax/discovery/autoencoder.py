@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transvw_jax import parallel, training
+from transvw_jax import checkpointing, multihost, parallel, training
 from transvw_jax.data.resize import resize_linear
 from transvw_jax.errors import ConfigError, DataError
+from transvw_jax.models import abstract_variables
 from transvw_jax.models.unet3d import _encoder
 from transvw_jax.progress import Progress
 from transvw_jax.tasks import autoencoder as tasks_autoencoder
@@ -118,6 +120,48 @@ def mesh_for(batch_size: int, name: str = "discovery.autoencoder.batch_size"):
     return parallel.make_mesh(1, devices)
 
 
+def global_batch(batch_size: int, volumes: int) -> int:
+    """`discovery.autoencoder.batch_size`, at most the number of volumes, rounded down to a
+    multiple of the process count (every process reads the same share), at least one
+    volume per process. Logged when it differs from the setting."""
+    count = jax.process_count()
+    if volumes < count:
+        raise DataError(f"discover: {volumes} usable volumes cannot be shared by {count} processes; "
+                        "run discovery with fewer processes (launch/slurm_discover.sbatch)")
+    batch = min(batch_size, volumes)
+    batch = max(count, batch - batch % count)
+    if batch != batch_size:
+        logging.info("discover/autoencoder: global batch %d (discovery.autoencoder.batch_size=%d, %d usable "
+                     "volumes, %d processes)", batch, batch_size, volumes, count)
+    return batch
+
+
+def _weights_only_checkpoint(workdir: Path, model: ml_collections.ConfigDict,
+                             cfg: ml_collections.ConfigDict) -> dict | None:
+    """Versions before the training engine saved the finished auto-encoder as its weights
+    alone (no optimiser or data state): reuse it when it has the configured step count;
+    otherwise set it aside (the engine cannot resume from it) and train anew."""
+    directory = checkpointing.checkpoint_dir(workdir)
+    steps = sorted(int(c.name) for c in directory.iterdir() if c.name.isdigit()) if directory.is_dir() else []
+    if not steps or (directory / str(steps[-1]) / checkpointing.TRAIN_STATE).is_dir():
+        return None
+    if steps[-1] == int(cfg.steps):
+        like = abstract_variables(tasks_autoencoder.make_model(model, cfg.width))
+        step, variables = checkpointing.restore_variables(workdir, like, step=steps[-1])
+        logging.info("discover/autoencoder: reusing %s (step %d, weights only)", directory, step)
+        return jax.tree.map(np.asarray, variables)
+    aside = directory.with_name(f"{directory.name}.weights-only")
+
+    def set_aside() -> None:
+        logging.warning("discover/autoencoder: %s holds weights of step %d only, not a run to resume "
+                        "to step %d: moved to %s, training anew", directory, steps[-1], cfg.steps, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(directory, aside)
+
+    multihost.once_per_job("discover/autoencoder-set-aside", set_aside)
+    return None
+
+
 def train_autoencoder(cache: np.ndarray, cfg: ml_collections.ConfigDict, workdir: Path,
                       model: ml_collections.ConfigDict | None = None,
                       data: ml_collections.ConfigDict | None = None) -> dict:
@@ -129,8 +173,11 @@ def train_autoencoder(cache: np.ndarray, cfg: ml_collections.ConfigDict, workdir
     """
     model = model if model is not None else ml_collections.ConfigDict({"conv_impl": "auto"})
     data = data if data is not None else ml_collections.ConfigDict()
+    reused = _weights_only_checkpoint(workdir, model, cfg)
+    if reused is not None:
+        return reused
     t = loop_config(cfg)
-    t.batch_size = min(t.batch_size, len(cache))
+    t.batch_size = global_batch(cfg.batch_size, len(cache))
     mesh = mesh_for(t.batch_size)
     task = tasks_autoencoder.make_task(model, cfg.width, mesh)
     run = training.place(task, training.make_optimizer(t), mesh)
