@@ -384,7 +384,7 @@ def test_elastic_sampling_matches_scipy_map_coordinates_with_reflect():
 @pytest.mark.slow
 def test_elastic_displacement_has_the_reference_spread():
     shape = (64, 64, 32)
-    fields = jax.vmap(lambda k: jnp.stack(elastic_displacement(k, shape)))(keys(600))
+    fields = jax.jit(jax.vmap(lambda k: jnp.stack(elastic_displacement(k, shape))))(keys(600))
     std = np.asarray(fields).std(axis=(0, 1))
     expected = R.elastic_field_std(shape, 991.0, 8.0)
     for v in [(32, 32, 16), (0, 0, 0), (63, 10, 31), (5, 40, 2)]:
@@ -392,6 +392,14 @@ def test_elastic_displacement_has_the_reference_spread():
 
 
 # --------------------------------------------------------------------------- policies
+@functools.cache
+def default_batch_policy(policy):
+    """The default `policy` over a batch, jitted once for the tests that share it: compiling a
+    policy is ~10 s of a 2-core CPU, running it on a few small cubes a fraction of one."""
+    cfg = T.default_config(policy)
+    return jax.jit(lambda k, x: T.batch_policy(k, x, cfg))
+
+
 def policy_ids(cfg, n=2000, shape=SMALL):
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     fn = jax.jit(jax.vmap(lambda k, x: T.apply_policy(k, x, cfg), in_axes=(0, None)))
@@ -437,10 +445,9 @@ def test_genesis_composition_frequencies():
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["transvw", "genesis"])
 def test_same_key_same_output_and_batch_members_differ(policy):
-    cfg = T.default_config(policy)
     x = jnp.asarray(np.random.default_rng(1).random((4, *SMALL), dtype=np.float32))
     k = keys(4, seed=11)
-    run = jax.jit(lambda k, x: T.batch_policy(k, x, cfg))
+    run = default_batch_policy(policy)
     a, b = run(k, x), run(k, x)
     for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
@@ -453,9 +460,9 @@ def test_same_key_same_output_and_batch_members_differ(policy):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("policy", ["transvw", "genesis"])
 def test_policies_preserve_dtype_and_range(policy, dtype):
-    x = jnp.asarray(np.random.default_rng(2).random((3, *SMALL)), dtype)
-    cfg = T.default_config(policy)
-    inp, target, _ = jax.jit(lambda k, x: T.batch_policy(k, x, cfg))(keys(3), x)
+    # Batch 4, as test_same_key_same_output_and_batch_members_differ: float32 reuses its program.
+    x = jnp.asarray(np.random.default_rng(2).random((4, *SMALL)), dtype)
+    inp, target, _ = default_batch_policy(policy)(keys(4), x)
     assert inp.dtype == dtype and target.dtype == dtype
     assert float(inp.min()) >= 0 and float(inp.max()) <= 1
 
@@ -466,13 +473,16 @@ def test_transvw_equals_the_chosen_transform():
     cfg = T.default_config("transvw")
     x = jnp.asarray(distinct_cube(SHUFFLE_SHAPE, 3))
     policy = jax.jit(lambda k, x: policies.transvw(k, x, cfg))
-    single = [functools.partial(T.local_shuffle, num_blocks=5), T.nonlinear,
-              functools.partial(T.in_paint, max_blocks=1), functools.partial(T.out_paint, max_extra_blocks=0)]
+    # Each single transform jitted once (op by op, 24 cubes took ~20 s of a 2-core CPU).
+    single = [jax.jit(f) for f in (functools.partial(T.local_shuffle, num_blocks=5), T.nonlinear,
+                                   functools.partial(T.in_paint, max_blocks=1),
+                                   functools.partial(T.out_paint, max_extra_blocks=0))]
+    elastic = jax.jit(T.elastic)
     seen = set()
     for key in keys(24, seed=12):
         inp, target, choice = policy(key, x)
         k_elastic, _, k_t = jax.random.split(key, 3)
-        expected = single[int(choice)](k_t, T.elastic(k_elastic, x))
+        expected = single[int(choice)](k_t, elastic(k_elastic, x))
         np.testing.assert_allclose(np.asarray(inp), np.asarray(expected), atol=1e-5)  # fused float ops
         np.testing.assert_array_equal(np.asarray(target), np.asarray(x))
         seen.add(int(choice))
@@ -486,17 +496,23 @@ def test_genesis_equals_the_composition_of_single_transforms(num_blocks):
     cfg.local_shuffle.num_blocks = num_blocks
     x = jnp.asarray(distinct_cube(SHUFFLE_SHAPE, 4))
     policy = jax.jit(lambda k, x: policies.genesis(k, x, cfg))
+    # Each single transform jitted once (op by op, 16 cubes took up to ~30 s of a 2-core CPU).
+    flip = jax.jit(lambda k, e, t: T.flip(k, e, t, cfg.flip.prob, cfg.flip.max_flips))
+    local_shuffle = jax.jit(lambda k, e: T.local_shuffle(k, e, num_blocks))
+    nonlinear = jax.jit(T.nonlinear)
+    in_paint = jax.jit(lambda k, e: T.in_paint(k, e, 5))
+    out_paint = jax.jit(lambda k, e: T.out_paint(k, e, 4))
     for key in keys(16, seed=13):
         inp, target, bits = policy(key, x)
         k_flip, k_shuffle, k_nonlinear, k_paint, k_dice = jax.random.split(key, 5)
         u = np.asarray(jax.random.uniform(k_dice, (4,)))
-        e, t = T.flip(k_flip, x, x, cfg.flip.prob, cfg.flip.max_flips)
+        e, t = flip(k_flip, x, x)
         if u[0] < 0.5:
-            e = T.local_shuffle(k_shuffle, e, num_blocks)
+            e = local_shuffle(k_shuffle, e)
         if u[1] < 0.9:
-            e = T.nonlinear(k_nonlinear, e)
+            e = nonlinear(k_nonlinear, e)
         if u[2] < 0.9:
-            e = T.in_paint(k_paint, e, 5) if u[3] < 0.2 else T.out_paint(k_paint, e, 4)
+            e = in_paint(k_paint, e) if u[3] < 0.2 else out_paint(k_paint, e)
         np.testing.assert_allclose(np.asarray(inp), np.asarray(e), atol=1e-6)
         np.testing.assert_array_equal(np.asarray(target), np.asarray(t))
 
@@ -579,9 +595,10 @@ def test_batch_chunk_resolves_per_backend():
 def test_genesis_target_is_the_policy_target():
     cfg = T.default_config("genesis")
     x = jnp.asarray(distinct_cube(SMALL, 6))
+    target = jax.jit(lambda k, x: policies.genesis_target(k, x, cfg))  # once, not op by op
+    policy = jax.jit(lambda k, x: policies.genesis(k, x, cfg)[1])
     for key in keys(12, seed=14):
-        np.testing.assert_array_equal(np.asarray(policies.genesis_target(key, x, cfg)),
-                                      np.asarray(policies.genesis(key, x, cfg)[1]))
+        np.testing.assert_array_equal(np.asarray(target(key, x)), np.asarray(policy(key, x)))
 
 
 def test_computed_once_returns_the_function_value():
