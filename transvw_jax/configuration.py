@@ -151,14 +151,17 @@ def _check_cube_shape(shape: Any, key: str) -> None:
 # --------------------------------------------------------------------------- model
 
 
+def _positive_int(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
 def validate_model(cfg: Mapping[str, Any]) -> None:
     """A `config.model` section; missing keys take the model's defaults (as build_model)."""
     name = cfg.get("name", "ynet3d")
     if name not in MODEL_NAMES:
         raise ConfigError(f"model.name: unknown model {name!r}; choose one of {sorted(MODEL_NAMES)}")
-    width = cfg.get("width", 32)
-    if not isinstance(width, int) or width < 1:
-        raise ConfigError(f"model.width must be a positive integer, got {width!r}")
+    _positive_int(cfg.get("width", 32), "model.width")
     bn = cfg.get("bn", "reference")
     if bn not in BN_MODES:
         raise ConfigError(f"model.bn must be one of {list(BN_MODES)}, got {bn!r}")
@@ -169,16 +172,12 @@ def validate_model(cfg: Mapping[str, Any]) -> None:
     if conv_impl not in ("auto", *CONV_IMPLS):
         raise ConfigError(f"model.conv_impl must be one of {['auto', *CONV_IMPLS]}, got {conv_impl!r}")
     if name == "unet3d":
-        out_channels = cfg.get("out_channels", 1)
-        if not isinstance(out_channels, int) or out_channels < 1:
-            raise ConfigError(f"model.out_channels must be a positive integer, got {out_channels!r}")
+        _positive_int(cfg.get("out_channels", 1), "model.out_channels")
         activation = cfg.get("activation", "sigmoid")
         if activation not in UNET_ACTIVATIONS:
             raise ConfigError(f"model.activation must be 'sigmoid' or 'none', got {activation!r}")
     else:
-        num_classes = cfg.get("num_classes", 44)
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+        _positive_int(cfg.get("num_classes", 44), "model.num_classes")
 
 
 # --------------------------------------------------------------------------- transforms

@@ -41,18 +41,11 @@ HEAD = "clc_out"
 
 def read_variables(src: str | os.PathLike) -> tuple[str, dict]:
     """(description, {'params', 'batch_stats'}) of a weight file or a pretraining workdir."""
-    src = Path(src)
-    if src.is_dir():
-        from transvw_jax import checkpointing  # Orbax: only for workdirs and checkpoint outputs
-
-        found = checkpointing.read_stored_variables(src)
-        if found is None:
-            raise CheckpointError(f"{src}: no best/ or checkpoints/ with a complete step")
-        where, step, variables = found
-        return f"{where} (step {step})", variables
-    if not src.exists():
-        raise CheckpointError(f"{src}: no such file or directory")
-    return str(src), export.load(src)
+    found = export.read_weights(src, "file or directory")
+    if found is None:
+        raise CheckpointError(f"{src}: no best/ or checkpoints/ with a complete step")
+    where, step, variables = found
+    return (where if step is None else f"{where} (step {step})"), variables
 
 
 def _without_head(variables: Mapping[str, Any]) -> dict:

@@ -359,3 +359,23 @@ def load(
         return from_torch_state_dict(state_dict, like=like, strict=strict)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_weights(path: str | os.PathLike,
+                 what: str = "weights file or run directory") -> tuple[str, int | None, dict] | None:
+    """(where, step, {"params", "batch_stats"}) from a weight file (`load`; step None) or a
+    run directory (its best checkpoint, else its latest; `checkpointing.read_stored_variables`).
+
+    None when the directory holds no complete checkpoint (the caller says what to run
+    first); CheckpointError naming `what` when nothing is at `path`.
+    """
+    path = Path(path)
+    if path.is_file():
+        return str(path), None, load(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such {what}")
+    from transvw_jax import checkpointing  # Orbax: only for directories
+
+    found = checkpointing.read_stored_variables(path)
+    return None if found is None else (str(found[0]), int(found[1]), found[2])
+

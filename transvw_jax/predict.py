@@ -49,7 +49,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
-from transvw_jax import checkpointing, evaluation, export, inference, losses
+from transvw_jax import evaluation, export, inference, losses
 from transvw_jax.data import labeled, patches, store, volumes
 from transvw_jax.errors import CheckpointError, ConfigError, DataError
 from transvw_jax.fileio import atomic_write, atomic_write_json, atomic_write_text
@@ -263,15 +263,13 @@ def load_weights(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     fine-tuning run of the workdir, `<workdir>/<finetune.run_dir>`."""
     p, f = config.predict, config.finetune
     source = Path(p.weights) if p.weights else Path(workdir) / f.run_dir
-    if source.is_file():
-        return Weights(str(source), None, export.load(source), None)
-    stored = checkpointing.read_stored_variables(source) if source.is_dir() else None
+    stored = export.read_weights(source) if source.exists() else None
     if stored is None:
         how = (f"fine-tune first (--config.stages=\"('finetune',)\" with --workdir {workdir}) "
                "or name a run directory or weights file in predict.weights")
         raise CheckpointError(f"{source}: no fine-tuned weights (no best/ or checkpoints/ step); {how}")
     where, step, variables = stored
-    return Weights(str(where), int(step), variables, source)
+    return Weights(where, step, variables, None if step is None else source)
 
 
 def num_classes_of(variables: Mapping[str, Any], task: str, where: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from transvw_jax import checkpointing, export
+from transvw_jax import export
 from transvw_jax.configuration import PARTS
 from transvw_jax.errors import CheckpointError
 
@@ -24,19 +24,14 @@ REINIT_ON_MISMATCH = ("output", "head")  # parts whose shape follows the class c
 
 def read_pretrained(path: str | Path) -> tuple[str, dict]:
     """(description, numpy variables) from a pretraining workdir or an exported/released file."""
-    path = Path(path)
-    if path.is_file():
-        return str(path), export.load(path)
-    if path.is_dir():
-        found = checkpointing.read_stored_variables(path)
-        if found is None:
-            raise CheckpointError(
-                f"{path}: no best/ or checkpoints/ with a complete step: pretrain first "
-                f"(python -m transvw_jax.main --config configs/demo.py --workdir {path})"
-            )
-        where, _, variables = found
-        return str(where), variables
-    raise CheckpointError(f"{path}: no such pretraining workdir or weights file")
+    found = export.read_weights(path, "pretraining workdir or weights file")
+    if found is None:
+        raise CheckpointError(
+            f"{path}: no best/ or checkpoints/ with a complete step: pretrain first "
+            f"(python -m transvw_jax.main --config configs/demo.py --workdir {path})"
+        )
+    where, _, variables = found
+    return where, variables
 
 
 def _part(path: tuple[str, ...]) -> str | None:

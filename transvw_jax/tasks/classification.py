@@ -7,16 +7,12 @@ on the validation candidates.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transvw_jax import evaluation, losses, parallel, training
-from transvw_jax.data import store
+from transvw_jax import evaluation, losses, training
 from transvw_jax.models import build_model
-from transvw_jax.tasks.segmentation import ENCODER
-from transvw_jax.transforms.flip import flip_each_axis
+from transvw_jax.tasks.segmentation import ENCODER, make_prepare
 
 
 def make_model(model: ml_collections.ConfigDict, num_classes: int):
@@ -28,14 +24,7 @@ def make_model(model: ml_collections.ConfigDict, num_classes: int):
 def make_task(config: ml_collections.ConfigDict, num_classes: int, mesh) -> training.Task:
     f = config.finetune
     model = make_model(config.model, num_classes)
-    batch_sh = parallel.batch_sharding(mesh)
-
-    def prepare(batch, keys, train):
-        x = store.decode_cubes(batch["cube"])
-        if train and f.flip_prob > 0:
-            x = flip_each_axis(keys, f.flip_prob, x)[0]
-        return {"input": jax.lax.with_sharding_constraint(x, batch_sh),
-                "label": batch["label"].astype(jnp.int32), "mask": batch.get("mask")}
+    prepare = make_prepare(f.flip_prob, mesh, flip_labels=False)
 
     def loss(variables, inputs):
         logits, upd = model.apply(variables, inputs["input"][..., None], train=True, mutable=["batch_stats"])

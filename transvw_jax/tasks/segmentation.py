@@ -24,18 +24,29 @@ def make_model(model: ml_collections.ConfigDict, num_classes: int):
     return build_model({**dict(model), "name": "unet3d", "out_channels": num_classes, "activation": "none"})
 
 
-def make_task(config: ml_collections.ConfigDict, num_classes: int, mesh) -> training.Task:
-    f = config.finetune
-    model = make_model(config.model, num_classes)
+def make_prepare(flip_prob: float, mesh, flip_labels: bool):
+    """Fine-tuning's `Task.prepare`: decode the patches, flip them in training (with their
+    label maps when `flip_labels`), keep them split over the batch sharding."""
     batch_sh = parallel.batch_sharding(mesh)
 
     def prepare(batch, keys, train):
         x = store.decode_cubes(batch["cube"])
         labels = batch["label"].astype(jnp.int32)
-        if train and f.flip_prob > 0:
-            x, labels = flip_each_axis(keys, f.flip_prob, x, labels)
+        if train and flip_prob > 0:
+            if flip_labels:
+                x, labels = flip_each_axis(keys, flip_prob, x, labels)
+            else:
+                x = flip_each_axis(keys, flip_prob, x)[0]
         return {"input": jax.lax.with_sharding_constraint(x, batch_sh), "label": labels,
                 "mask": batch.get("mask")}
+
+    return prepare
+
+
+def make_task(config: ml_collections.ConfigDict, num_classes: int, mesh) -> training.Task:
+    f = config.finetune
+    model = make_model(config.model, num_classes)
+    prepare = make_prepare(f.flip_prob, mesh, flip_labels=True)
 
     def loss(variables, inputs):
         logits, upd = model.apply(variables, inputs["input"][..., None], train=True, mutable=["batch_stats"])
