@@ -40,3 +40,19 @@ def small_ynet():
     model = YNet3D(num_classes=6, width=4)
     variables = trained_stats(model, init_variables(model, jax.random.key(1)), random_cubes(seed=1))
     return model, variables
+
+
+# The modules whose runs take longest, longest first: pytest-xdist (`-n auto`, whole
+# modules per worker) hands modules out in collection order, and one started last would
+# leave the other workers idle while it runs alone. The 2-process runs are the longest
+# chain (every launch compiles again in process 1: JAX writes the persistent cache from
+# process 0 only, and on CPU the cache key holds each process's device assignment).
+LONGEST_FIRST = ("test_multiprocess", "test_pod_resume", "test_main", "test_train", "test_finetune",
+                 "test_transforms", "test_predict", "test_readme", "test_eval_padding")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.module.__name__ if item.module else "", len(rank)),
+                                 order[id(item)]))

@@ -47,7 +47,6 @@ class CubeSource:
 
 def pretrain_config(batch_size):
     config = demo.get_config("runlocal")
-    config.model.num_classes = 4
     config.train.batch_size = batch_size
     return config
 

@@ -1,6 +1,7 @@
-"""A run that is stopped survives it, through `python -m transvw_jax.main`: a preemption
-(SIGTERM) saves and resumes exactly; best and latest checkpoints stay consistent whichever
-of them a kill interrupted; cloud-storage URLs are refused with one line."""
+"""A run that is stopped survives it, through `python -m transvw_jax.main`: a SIGKILL
+resumes exactly from its last checkpoint; a preemption (SIGTERM) saves and resumes exactly;
+best and latest checkpoints stay consistent whichever of them a kill interrupted;
+cloud-storage URLs are refused with one line."""
 
 import json
 import os
@@ -53,6 +54,29 @@ def straight(tiny_store, tmp_path_factory):  # noqa: F811
     done = _main(workdir, tiny_store, *ARGS)
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_give_bit_identical_parameters(straight, tiny_store, tmp_path):  # noqa: F811
+    """Killed without warning after step 4's checkpoint (wherever it is then: training, an
+    evaluation, a best save), the rerun of the same command resumes from the last complete
+    checkpoint and ends with the uninterrupted run's weights, logging no step twice."""
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_main_cmd(workdir, tiny_store, *ARGS), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = workdir / "checkpoints" / "4"
+    deadline = time.time() + 300
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _steps(workdir / "checkpoints")[-1] < 8, "the run finished before it could be killed"
+    resumed = _main(workdir, tiny_store, *ARGS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "pretrain: resumed from" in resumed.stderr
+    _assert_equal(_params(straight, 8), _params(workdir, 8))
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, 9))
 
 
 @pytest.mark.slow

@@ -30,7 +30,6 @@ COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\][^=]*? (all-gather|all-reduce|all-t
 def run():
     assert jax.device_count() == 8
     config = demo.get_config("runlocal")
-    config.model.num_classes = 4
     config.train.batch_size = B
     return pretraining.build_run(config, parallel.make_mesh(1))
 
