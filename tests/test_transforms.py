@@ -393,10 +393,12 @@ def test_elastic_displacement_has_the_reference_spread():
 
 # --------------------------------------------------------------------------- policies
 @functools.cache
-def default_batch_policy(policy):
-    """The default `policy` over a batch, jitted once for the tests that share it: compiling a
-    policy is ~10 s of a 2-core CPU, running it on a few small cubes a fraction of one."""
+def default_batch_policy(policy, batch_chunk=-1):
+    """The default `policy` over a batch (optionally another `batch_chunk`), jitted once for
+    the tests that share it: compiling a policy is ~10 s of a 2-core CPU, running it on a
+    few small cubes a fraction of one."""
     cfg = T.default_config(policy)
+    cfg.batch_chunk = batch_chunk
     return jax.jit(lambda k, x: T.batch_policy(k, x, cfg))
 
 
@@ -564,14 +566,6 @@ def test_elastic_at_points_equals_the_deformed_cube():
 
 
 # --------------------------------------------------------------------------- batching
-@functools.cache
-def whole_batch_policy(policy):
-    """The policy as one vmap over the batch (no chunks), jitted once for its two cases."""
-    cfg = T.default_config(policy)
-    cfg.batch_chunk = 0
-    return jax.jit(lambda k, x: T.batch_policy(k, x, cfg))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy, chunk, shards", [("transvw", 2, 1), ("genesis", 3, 1), ("genesis", 2, 2)])
 def test_chunked_batch_equals_one_vmap(policy, chunk, shards):
@@ -582,7 +576,7 @@ def test_chunked_batch_equals_one_vmap(policy, chunk, shards):
     x = jnp.asarray(np.random.default_rng(3).random((8, *SMALL), dtype=np.float32))
     chunked = T.default_config(policy)
     chunked.batch_chunk = chunk
-    expected = whole_batch_policy(policy)(keys(8, seed=21), x)
+    expected = default_batch_policy(policy, batch_chunk=0)(keys(8, seed=21), x)  # one vmap
     got = jax.jit(lambda k, x: T.batch_policy(k, x, chunked, shards=shards))(keys(8, seed=21), x)
     for e, g in zip(expected, got, strict=True):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=1e-5)

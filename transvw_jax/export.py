@@ -378,4 +378,3 @@ def read_weights(path: str | os.PathLike,
 
     found = checkpointing.read_stored_variables(path)
     return None if found is None else (str(found[0]), int(found[1]), found[2])
-
