@@ -80,6 +80,23 @@ def test_max_pool_matches_flax_max_pool():
     np.testing.assert_array_equal(max_pool_2x(x), expected)
 
 
+def test_max_pool_gradient_goes_to_one_element_of_each_window():
+    """Like PyTorch's max_pool3d: the window's maximum (the first of tied ones) gets the
+    whole gradient, never a share of it and never 0/0."""
+    x = np.asarray(random_cubes((1, 4, 2, 2, 1)))
+    x[0, 2:, :, :, 0] = 0.5  # the second window: eight tied maxima
+    weights = jnp.array([3.0, 5.0]).reshape(1, 2, 1, 1, 1)
+    g = np.asarray(jax.grad(lambda v: (max_pool_2x(v) * weights).sum())(x))
+    first = g[0, :2, :, :, 0]
+    assert np.count_nonzero(first) == 1 and first.flat[np.argmax(x[0, :2, :, :, 0])] == 3.0
+    tied = g[0, 2:, :, :, 0]
+    assert tied[0, 0, 0] == 5.0 and np.count_nonzero(tied) == 1
+    # Without ties, the same gradient as flax's reduce_window pooling.
+    y = jnp.asarray(random_cubes((2, 8, 4, 6, 3), seed=3))
+    flax_grad = jax.grad(lambda v: jnp.sum(jnp.sin(nn.max_pool(v, (2, 2, 2), strides=(2, 2, 2)))))(y)
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(jnp.sin(max_pool_2x(v))))(y), flax_grad)
+
+
 @pytest.mark.slow
 def test_reference_bn_uses_batch_statistics_in_evaluation(small_ynet):
     model, variables = small_ynet

@@ -333,8 +333,53 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def max_pool_2x(x: jax.Array) -> jax.Array:
-    """2x2x2 max pooling with stride 2 as a reshape + max: XLA:CPU lowers it, forward and
-    backward, much faster than nn.max_pool's reduce_window."""
+def _halve_max(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """The max of the two entries along `axis` (of size 2), and where the first one won."""
+    first, second = jnp.take(x, 0, axis), jnp.take(x, 1, axis)
+    keep_first = first >= second
+    return jnp.where(keep_first, first, second), keep_first
+
+
+def _split_back(g: jax.Array, keep_first: jax.Array, axis: int) -> jax.Array:
+    zero = jnp.zeros_like(g)
+    return jnp.stack([jnp.where(keep_first, g, zero), jnp.where(keep_first, zero, g)], axis)
+
+
+def _windows(x: jax.Array) -> jax.Array:
     b, sx, sy, sz, c = x.shape
-    return x.reshape(b, sx // 2, 2, sy // 2, 2, sz // 2, 2, c).max(axis=(2, 4, 6))
+    return x.reshape(b, sx // 2, 2, sy // 2, 2, sz // 2, 2, c)
+
+
+def _max_pool_2x_fwd(x: jax.Array):
+    # The window's axes 6, 4, 2, one pair at a time: each choice is kept for the backward.
+    y, keep_z = _halve_max(_windows(x), 6)
+    y, keep_y = _halve_max(y, 4)
+    y, keep_x = _halve_max(y, 2)
+    return y, (keep_x, keep_y, keep_z)
+
+
+def _max_pool_2x_bwd(res, g: jax.Array):
+    keep_x, keep_y, keep_z = res
+    g = _split_back(g, keep_x, 2)
+    g = _split_back(g, keep_y, 4)
+    g = _split_back(g, keep_z, 6)
+    b, x, _, y, _, z, _, c = g.shape
+    return (g.reshape(b, 2 * x, 2 * y, 2 * z, c),)
+
+
+@jax.custom_vjp
+def max_pool_2x(x: jax.Array) -> jax.Array:
+    """2x2x2 max pooling with stride 2, as reshapes and elementwise maxima (XLA:CPU runs
+    them, forward and backward, much faster than nn.max_pool's reduce_window).
+
+    The gradient goes to one element of each window (the first of tied maxima), as in
+    PyTorch's max_pool3d, through the choices made in the forward pass. `jnp.max`'s own
+    gradient instead finds the maxima again by comparing the input with the result and
+    divides by their count: when XLA computes the input twice, in two fusions rounded
+    differently, no element compares equal and the gradient is 0/0 = NaN (seen on CPU
+    with JAX_DISABLE_MOST_OPTIMIZATIONS=1: training diverged at its second step).
+    """
+    return _max_pool_2x_fwd(x)[0]
+
+
+max_pool_2x.defvjp(_max_pool_2x_fwd, _max_pool_2x_bwd)
