@@ -132,6 +132,16 @@ DATA_STATE = "data"  # JSON, written by process 0: run state and the global data
 ITERATOR = "iterator"  # each process's iterator state: its own rows of an int32 array
 
 
+def _saveable(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """What a job's checkpoint save hands to Orbax: in one process, host copies. Orbax
+    splits each replicated device array into one slice per device and dispatches every
+    slice as its own device operation (replica-parallel saving, which spreads the writes
+    of replicated arrays over hosts): with one process there is no other host to spread to,
+    and those dispatches were most of a small model's save. Several processes keep device
+    arrays (Orbax refuses a host copy of a sharded array there)."""
+    return jax.device_get(dict(tree)) if jax.process_count() == 1 else dict(tree)
+
+
 def best_dir(workdir: str | os.PathLike) -> Path:
     """The best checkpoint by validation loss (variables only): `<workdir>/best`."""
     return Path(workdir).absolute() / "best"
@@ -262,13 +272,13 @@ class RunCheckpointer:
         """
         data = dict(data_state)
         items = {
-            VARIABLES: ocp.args.StandardSave(dict(variables)),
-            TRAIN_STATE: ocp.args.StandardSave(dict(train_state)),
+            VARIABLES: ocp.args.StandardSave(_saveable(variables)),
+            TRAIN_STATE: ocp.args.StandardSave(_saveable(train_state)),
         }
         if iterator is not None:
             data.update(position=iterator.position, global_batch_size=iterator.global_batch_size,
                         num_processes=jax.process_count(), num_devices=jax.device_count())
-            items[ITERATOR] = ocp.args.StandardSave({"state": _state_array(iterator.get_state())})
+            items[ITERATOR] = ocp.args.StandardSave(_saveable({"state": _state_array(iterator.get_state())}))
         items[DATA_STATE] = ocp.args.JsonSave(data)
         self._latest.save(step, args=ocp.args.Composite(**items))
 
@@ -277,8 +287,8 @@ class RunCheckpointer:
         the same step right after (see the class doc)."""
         assert self._best is not None, "open_best first"
         self._latest.wait_until_finished()
-        self._best.save(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardSave(dict(variables))}),
-                        force=True)
+        item = ocp.args.StandardSave(_saveable(variables))
+        self._best.save(step, args=ocp.args.Composite(**{VARIABLES: item}), force=True)
 
     def best_step(self) -> int | None:
         return None if self._best is None else self._best.latest_step()
