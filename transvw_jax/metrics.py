@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,21 @@ def _parses(line: bytes) -> bool:
     return True
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX imports torch
+    when it is installed (the project's optional extra) only to accept torch tensors, which
+    this writer never passes; that import was two seconds of every run's start-up."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends scalars to <workdir>/metrics.jsonl and to TensorBoard; see the module docstring.
 
@@ -84,11 +100,9 @@ class MetricsWriter:
             return
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                self._tb_class = _summary_writer_class()
             except ImportError as e:  # pragma: no cover - tensorboardX is installed with the project
                 logging.warning("TensorBoard events disabled (%s); metrics go to %s only.", e, self.path)
-            else:
-                self._tb_class = SummaryWriter
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
         self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
