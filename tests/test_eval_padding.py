@@ -84,7 +84,8 @@ def test_validation_loss_does_not_depend_on_the_padding(batch8_run):
     a, b = results
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
+        # To float32 rounding: the two batch sizes add their rows in different orders.
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
 
 
 @pytest.mark.slow
