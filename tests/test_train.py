@@ -69,9 +69,8 @@ def full_optimizations():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [1, 2])
-def test_eight_devices_train_like_one(tiny_store, fsdp, full_optimizations):
-    """Same global batches and keys: 8 devices (optionally fsdp-sharded) == 1 device.
+def test_eight_devices_train_like_one(tiny_store, full_optimizations):
+    """Same global batches and keys: 8 devices, replicated or fsdp-sharded == 1 device.
 
     SGD: Adam's first steps are ~lr * sign(gradient), which turns reduction-order noise in
     near-zero gradients into lr-sized differences and would hide real mistakes. Compiled
@@ -85,16 +84,17 @@ def test_eight_devices_train_like_one(tiny_store, fsdp, full_optimizations):
     batches = [{"cube": np.stack([src[i]["cube"] for i in range(8 * k, 8 * k + 8)]),
                 "label": np.array([src[i]["label"] for i in range(8 * k, 8 * k + 8)])} for k in range(3)]
     one, m1 = _run_steps(config, parallel.make_mesh(1, jax.devices()[:1]), batches)
-    if fsdp > 1:
-        parallel.FSDP_MIN_SIZE, saved = 1, parallel.FSDP_MIN_SIZE  # shard even tiny kernels
-    try:
-        eight, m8 = _run_steps(config, parallel.make_mesh(fsdp), batches)
-    finally:
+    for fsdp in (1, 2):
         if fsdp > 1:
-            parallel.FSDP_MIN_SIZE = saved
-    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-    for (k, a), b in zip(flatten_dict(one).items(), flatten_dict(eight).values(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg="/".join(k))
+            parallel.FSDP_MIN_SIZE, saved = 1, parallel.FSDP_MIN_SIZE  # shard even tiny kernels
+        try:
+            eight, m8 = _run_steps(config, parallel.make_mesh(fsdp), batches)
+        finally:
+            if fsdp > 1:
+                parallel.FSDP_MIN_SIZE = saved
+        np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5, err_msg=f"fsdp {fsdp}")
+        for (k, a), b in zip(flatten_dict(one).items(), flatten_dict(eight).values(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"fsdp {fsdp}: " + "/".join(k))
 
 
 def test_step_decay_and_warmup_schedules():
