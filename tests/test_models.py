@@ -95,6 +95,11 @@ def test_max_pool_gradient_goes_to_one_element_of_each_window():
     y = jnp.asarray(random_cubes((2, 8, 4, 6, 3), seed=3))
     flax_grad = jax.grad(lambda v: jnp.sum(jnp.sin(nn.max_pool(v, (2, 2, 2), strides=(2, 2, 2)))))(y)
     np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(jnp.sin(max_pool_2x(v))))(y), flax_grad)
+    # A NaN anywhere in a window is its maximum, as with jnp.max.
+    for i in range(8):
+        z = np.array(random_cubes((1, 2, 2, 2, 1)))
+        z.reshape(-1)[i] = np.nan
+        assert np.isnan(np.asarray(max_pool_2x(jnp.asarray(z)))).all(), i
 
 
 @pytest.mark.slow

@@ -334,9 +334,10 @@ class BatchNorm(nn.Module):
 
 
 def _halve_max(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """The max of the two entries along `axis` (of size 2), and where the first one won."""
+    """The max of the two entries along `axis` (of size 2), and where the first one won.
+    A NaN wins, as in jnp.max and PyTorch: a diverging run must not lose it here."""
     first, second = jnp.take(x, 0, axis), jnp.take(x, 1, axis)
-    keep_first = first >= second
+    keep_first = (first >= second) | jnp.isnan(first)
     return jnp.where(keep_first, first, second), keep_first
 
 
