@@ -123,6 +123,9 @@ def test_kill_between_a_best_save_and_its_latest_checkpoint_resumes_consistently
                 shutil.rmtree(template / saved / str(step))
     (template / "pretrain_summary.json").unlink()
     assert 6 in _steps(template / "best"), "precondition: step 6 improved the validation loss"
+    # ... and step 8 did not: its best save would have pushed an earlier best out of best/
+    # (which keeps two), which a kill at step 6 leaves in place.
+    assert 8 not in _steps(straight / "best"), "precondition: step 8 did not improve it"
 
     # (a) best/6 was written, checkpoints/6 was not: the resumed run starts at 4, redoes
     # step 6 and its best save.

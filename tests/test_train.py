@@ -64,8 +64,10 @@ def full_optimizations():
     off, see conftest.py)."""
     saved = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()  # the flag is not part of jit's in-memory cache key
     yield
     jax.config.update("jax_disable_most_optimizations", saved)
+    jax.clear_caches()
 
 
 @pytest.mark.slow

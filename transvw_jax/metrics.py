@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -61,19 +62,26 @@ def _parses(line: bytes) -> bool:
     return True
 
 
+_TB_IMPORT = threading.Lock()
+
+
 def _summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX imports torch
     when it is installed (the project's optional extra) only to accept torch tensors, which
-    this writer never passes; that import was two seconds of every run's start-up."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+    this writer never passes; that import was two seconds of every run's start-up. (Another
+    thread importing torch during these lines would see it missing: the writers are made
+    before a run starts its threads.)"""
+    with _TB_IMPORT:
+        if "torch" in sys.modules:
+            from tensorboardX import SummaryWriter
+            return SummaryWriter
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            if "torch" in sys.modules and sys.modules["torch"] is None:
+                del sys.modules["torch"]
         return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
 
 
 class MetricsWriter:

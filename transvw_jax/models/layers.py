@@ -336,7 +336,7 @@ class BatchNorm(nn.Module):
 def _halve_max(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """The max of the two entries along `axis` (of size 2), and where the first one won.
     A NaN wins, as in jnp.max and PyTorch: a diverging run must not lose it here."""
-    first, second = jnp.take(x, 0, axis), jnp.take(x, 1, axis)
+    first, second = lax.index_in_dim(x, 0, axis, keepdims=False), lax.index_in_dim(x, 1, axis, keepdims=False)
     keep_first = (first >= second) | jnp.isnan(first)
     return jnp.where(keep_first, first, second), keep_first
 
@@ -378,7 +378,8 @@ def max_pool_2x(x: jax.Array) -> jax.Array:
     gradient instead finds the maxima again by comparing the input with the result and
     divides by their count: when XLA computes the input twice, in two fusions rounded
     differently, no element compares equal and the gradient is 0/0 = NaN (seen on CPU
-    with JAX_DISABLE_MOST_OPTIMIZATIONS=1: training diverged at its second step).
+    with JAX_DISABLE_MOST_OPTIMIZATIONS=1: training diverged at its second step). Being a
+    custom VJP, it has reverse-mode derivatives only (grad, vjp), not jvp / jacfwd.
     """
     return _max_pool_2x_fwd(x)[0]
 
