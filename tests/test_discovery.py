@@ -256,8 +256,9 @@ def test_bad_inputs_get_clear_errors(phantoms, tmp_path):
         discovery.discover(_config(tmp_path / "empty"), tmp_path / "w")
     config = _config(phantoms)
     config.model.num_classes = 50
-    with pytest.raises(ConfigError, match="model.num_classes=50"):
+    with pytest.raises(ConfigError, match="model.num_classes=50 needs as many training patients"):
         discovery.discover(config, tmp_path / "w2")
+    assert not (tmp_path / "w2" / "discovery" / "autoencoder").exists()  # refused before training
     config = _config(phantoms)
     config.discovery.autoencoder.size = (16, 16, 6)
     with pytest.raises(ConfigError, match="discovery.autoencoder.size"):

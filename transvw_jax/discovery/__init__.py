@@ -106,6 +106,8 @@ def discover(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
         multihost.once_per_job("discover/store", lambda: _random_store(config, workdir))
         return workdir / STORE_DIR
     d = config.discovery
+    # Before the auto-encoder's training (hours at the reference size), not after it.
+    words.check_class_count(config.model.num_classes, _patients(config, workdir)[1])
     cache = np.load(out / RESIZED, mmap_mode="r")
     variables = autoencoder.train_autoencoder(cache, d.autoencoder, out / "autoencoder", model=config.model,
                                               data=config.get("data"))

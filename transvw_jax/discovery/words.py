@@ -186,6 +186,15 @@ def rank_neighbours(embeddings: np.ndarray, reference: int, candidates: np.ndarr
     return candidates[np.argsort(d, kind="stable")[:count]]
 
 
+def check_class_count(num_classes: int, splits: Sequence[str]) -> None:
+    """ConfigError unless every class can have its own training patient as reference. Known
+    once the patients are split: `discover` checks it then, before the auto-encoder trains."""
+    n_train = int(np.sum(np.asarray(splits) == TRAIN))
+    if num_classes > n_train:
+        raise ConfigError(f"model.num_classes={num_classes} needs as many training patients (one reference "
+                          f"each, without replacement); there are {n_train}")
+
+
 def plan_words(embeddings: np.ndarray, splits: Sequence[str], load: Callable[[int], np.ndarray],
                num_classes: int, cube: Sequence[int], cfg: ml_collections.ConfigDict, seed: int) -> Plan:
     """References, coordinates, neighbours and every crop of every class.
@@ -200,11 +209,9 @@ def plan_words(embeddings: np.ndarray, splits: Sequence[str], load: Callable[[in
     next one drawn, as in TransVW, and DataError is raised when the patients run out.
     """
     splits = np.asarray(splits)
+    check_class_count(num_classes, splits)
     train = np.flatnonzero(splits == TRAIN)
     val = np.flatnonzero(splits == VALIDATION)
-    if num_classes > len(train):
-        raise ConfigError(f"model.num_classes={num_classes} needs as many training patients (one reference "
-                          f"each, without replacement); there are {len(train)}")
     n_train = min(cfg.train_instances, len(train))
     n_val = min(cfg.val_instances, len(val))
     if n_train < cfg.train_instances or n_val < cfg.val_instances:
