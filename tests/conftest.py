@@ -1,6 +1,9 @@
 """Shared fixtures. Simulated CPU devices must be requested before jax is imported."""
 
 import os
+import subprocess
+import time
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -19,12 +22,33 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from transvw_jax.models import YNet3D, init_variables  # noqa: E402
+from transvw_jax.models import YNet3D, abstract_variables, init_variables  # noqa: E402
 
 
 def random_cubes(shape=(2, 16, 16, 8, 1), seed=0) -> np.ndarray:
     """Cubes with values in [0, 1], like normalised CT."""
     return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def zeros_like_model(model) -> dict:
+    """The model's variables as zeros, for tests that read names and shapes only: no
+    initialiser is compiled (seconds per model on this CPU)."""
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_variables(model))
+
+
+def wait_for_checkpoint(workdir: Path, step: int, proc: subprocess.Popen, log: Path | None = None,
+                        timeout: float = 600) -> None:
+    """Until `<workdir>/checkpoints/<step>` exists, so that a signal then lands mid-run.
+    AssertionError (with the tail of `log`) if the run ends first or `timeout` passes."""
+    tail = (lambda: log.read_text()[-3000:]) if log else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (workdir / "checkpoints" / str(step)).is_dir():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before checkpoint {step}:\n{tail()}")
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint {step} after {timeout} s:\n{tail()}")
 
 
 def jit_apply(model):

@@ -6,7 +6,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import jit_apply, random_cubes
+from conftest import jit_apply, random_cubes, zeros_like_model
 from flax.traverse_util import flatten_dict
 
 from transvw_jax import export
@@ -32,7 +32,7 @@ def test_round_trip_is_exact(small_ynet):
 
 @pytest.mark.slow
 def test_state_dict_has_the_reference_keys_and_shapes():
-    variables = init_variables(YNet3D(num_classes=44), jax.random.key(0))
+    variables = zeros_like_model(YNet3D(num_classes=44))
     sd = export.to_torch_state_dict(variables)
     assert len(sd) == 115
     assert len(export.to_torch_state_dict(variables, head=False)) == 106

@@ -19,6 +19,8 @@ from transvw_jax.models import EncoderClassifier, UNet3D, YNet3D, init_variables
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from conftest import zeros_like_model  # noqa: E402
+
 from configs import demo_finetune  # noqa: E402
 
 WIDTH = 4
@@ -101,14 +103,12 @@ def test_classifier_takes_the_head_conv_and_reinitialises_the_dense(pretrained_y
     assert got["params/clc_out/fc1/kernel"].shape == (32 * WIDTH, 1)
 
 
-@pytest.mark.slow
 def test_transfer_errors_name_the_key(pretrained_ynet):
-    wider = jax.device_get(init_variables(UNet3D(width=2 * WIDTH), jax.random.key(0)))
+    wider = zeros_like_model(UNet3D(width=2 * WIDTH))
     with pytest.raises(CheckpointError, match=r"ckpt: params/down_tr\d+/.* has shape .* model.width"):
         finetune.transfer(wider, pretrained_ynet, ("encoder",), source="ckpt")
-    encoder_only = jax.device_get(init_variables(EncoderClassifier(num_classes=2, width=WIDTH),
-                                                 jax.random.key(0)))
-    unet = jax.device_get(init_variables(UNet3D(width=WIDTH), jax.random.key(0)))
+    encoder_only = zeros_like_model(EncoderClassifier(num_classes=2, width=WIDTH))
+    unet = zeros_like_model(UNet3D(width=WIDTH))
     with pytest.raises(CheckpointError, match=r"has no params/up_tr.* to load the decoder"):
         finetune.transfer(unet, encoder_only, ("encoder", "decoder"))
 

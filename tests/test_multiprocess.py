@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import wait_for_checkpoint
 from flax.traverse_util import flatten_dict
 
 from transvw_jax import checkpointing
@@ -66,18 +67,6 @@ def _pids(log: Path, timeout: float = 60) -> dict[int, int]:
             return found
         time.sleep(0.2)
     raise AssertionError(f"no process ids in the launcher's output:\n{log.read_text()}")
-
-
-def _wait_for_checkpoint(workdir: Path, step: int, proc: subprocess.Popen, log: Path,
-                         timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (workdir / "checkpoints" / str(step)).is_dir():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before checkpoint {step}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint {step} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _params_at(workdir: Path, step: int) -> dict[str, np.ndarray]:
@@ -159,7 +148,7 @@ def test_lost_and_preempted_processes_resume_bit_identically(reference, cache, t
     log = tmp_path / "term.log"
     long_run = [a for a in args if a != "--config.train.steps=8"] + ["--config.train.steps=400"]
     proc = _launch(long_run, cache, log)
-    _wait_for_checkpoint(workdir, 2, proc, log)
+    wait_for_checkpoint(workdir, 2, proc, log)
     os.kill(proc.pid, signal.SIGTERM)
     out = _finish(proc, log, timeout=300)
     assert proc.returncode == 143, out[-3000:]

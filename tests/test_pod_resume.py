@@ -9,11 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import wait_for_checkpoint
 from flax.traverse_util import flatten_dict
 from test_train import REPO, _env, _main_cmd, _params, tiny_config, tiny_store  # noqa: F401 - a fixture
 
@@ -33,14 +33,6 @@ def _main(workdir, store_path, *args, timeout=400):
 
 def _steps(directory):
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def _wait_for_checkpoint(workdir, step, proc, timeout=300):
-    """Until `checkpoints/<step>` exists (or the run ended): then a signal lands mid-run."""
-    first = workdir / "checkpoints" / str(step)
-    deadline = time.time() + timeout
-    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
 
 
 def _best_params(workdir, step):
@@ -72,7 +64,7 @@ def test_sigkill_and_resume_give_bit_identical_parameters(straight, tiny_store, 
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(_main_cmd(workdir, tiny_store, *ARGS), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_checkpoint(workdir, 4, proc)
+    wait_for_checkpoint(workdir, 4, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _steps(workdir / "checkpoints")[-1] < 8, "the run finished before it could be killed"
@@ -91,7 +83,7 @@ def test_sigterm_saves_the_current_step_and_the_restart_ends_like_an_uninterrupt
     args = (*ARGS[1:], "--config.train.steps=400")  # long enough to be stopped in the middle
     proc = subprocess.Popen(_main_cmd(workdir, tiny_store, *args), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(workdir, 2, proc)
+    wait_for_checkpoint(workdir, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
