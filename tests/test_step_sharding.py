@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import demo  # noqa: E402
 
-B = 16  # global batch: 2 cubes per simulated device
+B = 8  # global batch: the tiny demo's, 1 cube per simulated device
 SHAPE = (16, 16, 8)
 COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\][^=]*? (all-gather|all-reduce|all-to-all|collective-permute)"
                         r"(-start)?\(")
