@@ -27,7 +27,6 @@ from transvw_jax import (
     predict,
     resolve,
 )
-from transvw_jax.data import synthetic
 from transvw_jax.fileio import atomic_write_json
 from transvw_jax.models import abstract_variables, build_model, init_variables
 from transvw_jax.tasks import pretraining
@@ -46,6 +45,8 @@ def _on_process_zero(stage: Callable[[ml_collections.ConfigDict, Path], None]):
 
 def synthesize_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write the embedded phantoms (`config.synthesize`) into `<workdir>/volumes`."""
+    from transvw_jax.data import synthetic  # imports scipy.ndimage (0.4 s): only runs that synthesize pay it
+
     s = config.synthesize
     out = workdir / "volumes"
     paths = synthetic.write_phantoms(out, s.count, shape=tuple(s.shape), seed=s.seed,
@@ -56,6 +57,8 @@ def synthesize_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
 def synthesize_labeled_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write labeled phantoms (`config.synthesize_labeled`) as an nnU-Net raw dataset in
     `<workdir>/labeled`: images, nodule masks, dataset.json and a candidates CSV."""
+    from transvw_jax.data import synthetic
+
     s = config.synthesize_labeled
     out = workdir / "labeled"
     synthetic.write_labeled_dataset(out, s.count, shape=tuple(s.shape), seed=s.seed, spacing=tuple(s.spacing))
