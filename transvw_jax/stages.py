@@ -45,7 +45,7 @@ def _on_process_zero(stage: Callable[[ml_collections.ConfigDict, Path], None]):
 
 def synthesize_stage(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Write the embedded phantoms (`config.synthesize`) into `<workdir>/volumes`."""
-    from transvw_jax.data import synthetic  # imports scipy.ndimage (0.4 s): only runs that synthesize pay it
+    from transvw_jax.data import synthetic  # imports scipy.ndimage: only runs that synthesize pay for it
 
     s = config.synthesize
     out = workdir / "volumes"
