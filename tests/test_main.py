@@ -118,6 +118,16 @@ def test_discover_without_volumes_exits_1_naming_the_directory(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_more_classes_than_training_patients_is_refused_before_the_auto_encoder_trains(tmp_path):
+    """12 phantoms (10 for training) cannot give 11 visual words one reference each: one line
+    naming the key, before hours of auto-encoder training at the reference size."""
+    proc = run_main("--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path),
+                    "--config.stages=('synthesize', 'discover')", "--config.model.num_classes=11")
+    assert proc.returncode == 2, proc.stderr
+    assert error_line(proc).startswith("error: model.num_classes=11 needs as many training patients")
+    assert not (tmp_path / "discovery" / "autoencoder").exists()
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     narrow = build_model(tiny_config().model)
