@@ -67,6 +67,8 @@ def test_eight_devices_train_like_one(tiny_store):
     not the store's piecewise-constant ones: those make exact ties in max pooling's windows,
     which the two programs' last-bit differences (a sum in another order) break differently,
     routing a few gradients to another voxel; three steps at learning rate 0.1 made that 8e-5.
+    The tolerance sits between reduction-order noise (larger where XLA vectorises 512 bits
+    wide, see benchmarks/RESULTS.md) and a real mistake's lr-sized steps (~1e-3).
     """
     assert jax.device_count() == 8
     config = tiny_config(tiny_store, optimizer="sgd", learning_rate=0.1)
@@ -84,7 +86,7 @@ def test_eight_devices_train_like_one(tiny_store):
                 parallel.FSDP_MIN_SIZE = saved
         np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5, err_msg=f"fsdp {fsdp}")
         for (k, a), b in zip(flatten_dict(one).items(), flatten_dict(eight).values(), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"fsdp {fsdp}: " + "/".join(k))
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"fsdp {fsdp}: " + "/".join(k))
 
 
 def test_step_decay_and_warmup_schedules():
