@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 pytestmark = pytest.mark.slow  # compiles the real step
 
@@ -26,7 +27,8 @@ REQUIRED = ("what", "section", "impl", "shape", "dtype", "device", "cubes_per_s"
 def run_smoke(tmp_path: Path, profile: Path) -> list[dict]:
     # No hugepage re-execution (hostenv): it only costs a second start-up here.
     env = dict(os.environ, JAX_PLATFORMS="cpu", TRANSVW_HUGEPAGE_MALLOC="0")
-    env.pop("XLA_FLAGS", None)  # conftest simulates 8 CPU devices; the check runs on one device
+    # conftest simulates 8 CPU devices; the check runs on one device.
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--profile", str(profile), "--batches", "2",
          "--dtypes", "bfloat16", "--tmpdir", str(tmp_path)],
