@@ -8,6 +8,8 @@ from pathlib import Path
 # XLA's older CPU fusion codegen (its fallback to the newer MLIR emitters): the same
 # programs compile in about two thirds of the CPU time, and tests compile far more than
 # they run. Subprocesses inherit it; ones that set their own XLA_FLAGS add TEST_XLA_FLAGS.
+# XLA stops at start-up on a flag it does not know: this one exists in the jax 0.10 that
+# pyproject.toml pins.
 TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
