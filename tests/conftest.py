@@ -7,7 +7,7 @@ from pathlib import Path
 
 # XLA's older CPU fusion codegen (its fallback to the newer MLIR emitters): the same
 # programs compile in about two thirds of the CPU time, and tests compile far more than
-# they run. Subprocesses inherit it; ones that set their own XLA_FLAGS add TEST_XLA_FLAGS.
+# they run. Subprocesses inherit it; ones on another device count take `cpu_env`.
 # XLA stops at start-up on a flag it does not know: this one exists in the jax 0.10 that
 # pyproject.toml pins.
 TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
@@ -29,6 +29,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from transvw_jax.models import YNet3D, abstract_variables, init_variables  # noqa: E402
+
+
+def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment for a subprocess on `devices` simulated CPU devices (the suite's 8
+    dropped), compiling with the tests' flags; `extra` variables on top."""
+    count = f"--xla_force_host_platform_device_count={devices} " if devices > 1 else ""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": count + TEST_XLA_FLAGS, **extra}
 
 
 def random_cubes(shape=(2, 16, 16, 8, 1), seed=0) -> np.ndarray:

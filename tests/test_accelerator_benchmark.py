@@ -9,13 +9,12 @@ of the test's time (~20 s of CPU for a bfloat16 case on a CPU without AVX-512).
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import cpu_env
 
 pytestmark = pytest.mark.slow  # compiles the real step
 
@@ -26,9 +25,7 @@ REQUIRED = ("what", "section", "impl", "shape", "dtype", "device", "cubes_per_s"
 
 def run_smoke(tmp_path: Path, profile: Path) -> list[dict]:
     # No hugepage re-execution (hostenv): it only costs a second start-up here.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TRANSVW_HUGEPAGE_MALLOC="0")
-    # conftest simulates 8 CPU devices; the check runs on one device.
-    env["XLA_FLAGS"] = TEST_XLA_FLAGS
+    env = cpu_env(TRANSVW_HUGEPAGE_MALLOC="0")  # one device, as the check runs on one accelerator
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--profile", str(profile), "--batches", "2",
          "--dtypes", "bfloat16", "--tmpdir", str(tmp_path)],

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS, jit_apply, random_cubes
+from conftest import cpu_env, jit_apply, random_cubes
 from flax.traverse_util import flatten_dict
 
 from transvw_jax.models import (
@@ -239,7 +239,7 @@ def test_auto_conv_impl_is_matmul_on_several_cpu_devices():
 def test_auto_conv_impl_is_onednn_on_one_cpu_device():
     code = ("from transvw_jax.models import build_model; "
             "print(build_model({'name': 'unet3d', 'width': 4}).conv_impl)")
-    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    env = cpu_env()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "onednn"
 
@@ -303,7 +303,7 @@ def test_onednn_bfloat16_falls_back_where_the_cpu_has_none():
             "b = jnp.bfloat16; "
             "y = conv3d_same(jnp.ones((1, 8, 8, 8, 2), b), jnp.ones((3, 3, 3, 2, 4), b), 'onednn'); "
             "print(native.supports_bfloat16(), y.dtype, float(y[0, 4, 4, 4, 0]))")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": TEST_XLA_FLAGS}
+    env = cpu_env(ONEDNN_MAX_CPU_ISA="AVX2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-3:] == ["False", "bfloat16", "54.0"]
 
@@ -335,7 +335,7 @@ def test_explicit_onednn_without_the_library_is_a_config_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "model.conv_impl: 'onednn' cannot run here" in out.stderr and str(tmp_path) in out.stderr
-    env = {**env, "XLA_FLAGS": TEST_XLA_FLAGS}
+    env = cpu_env(TRANSVW_ONEDNN_ROOT=str(tmp_path))
     code = "from transvw_jax.models import build_model; print(build_model({'name': 'unet3d'}).conv_impl)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "matmul"  # auto falls back

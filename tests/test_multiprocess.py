@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS, wait_for_checkpoint
+from conftest import cpu_env, wait_for_checkpoint
 from flax.traverse_util import flatten_dict
 
 from transvw_jax import checkpointing
@@ -36,12 +36,8 @@ PRETRAIN = ["--config.train.steps=8", "--config.train.checkpoint_every=2", "--co
 
 
 def _env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}", JAX_PLATFORMS="cpu",
-               PYTHON=sys.executable, PYTHONPATH=str(ROOT),
-               # The restarted processes compile the same programs: reuse them (minutes on 2 cores).
-               JAX_COMPILATION_CACHE_DIR=str(cache))
-    return env
+    # The restarted processes compile the same programs: reuse them (minutes on 2 cores).
+    return cpu_env(2, PYTHON=sys.executable, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache))
 
 
 def _launch(args: list[str], cache: Path, log: Path) -> subprocess.Popen:

@@ -4,14 +4,13 @@ with one log line that names the reason and the fix."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import cpu_env
 from packaging.requirements import Requirement
 
 from transvw_jax import native
@@ -39,7 +38,7 @@ print(repr((choices, lines)))
 
 
 def _auto(**env) -> tuple[list[str], list[str]]:
-    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu", **env}
+    env = cpu_env(**env)
     out = subprocess.run([sys.executable, "-c", AUTO], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     return eval(out.stdout.strip().splitlines()[-1])
@@ -84,7 +83,7 @@ def test_auto_falls_back_to_matmul_with_one_line(env, fix, tmp_path):
 
 def test_explicit_onednn_that_cannot_run_is_a_one_line_config_error(tmp_path):
     """Through the command: the ConfigError comes before any stage runs."""
-    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu", "CXX": "/nonexistent/g++"}
+    env = cpu_env(CXX="/nonexistent/g++")
     out = subprocess.run(
         [sys.executable, "-m", "transvw_jax.main", "--config", "configs/demo.py:runlocal",
          "--workdir", str(tmp_path / "run"), "--config.model.conv_impl=onednn"],

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import cpu_env
 
 from transvw_jax import multihost, resolve
 from transvw_jax.errors import ConfigError
@@ -117,12 +117,10 @@ def test_the_command_records_resolved_values_and_reuses_them(tmp_path):
     """Through the public door: config.json shows no "auto"; a second run in the same
     workdir, on another mesh, keeps the first run's choices."""
     def run(devices: int) -> subprocess.CompletedProcess:
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"}
         return subprocess.run(
             [sys.executable, "-m", "transvw_jax.main", "--config", "configs/demo.py:runlocal",
              "--workdir", str(tmp_path), "--config.stages=('synthesize',)"],
-            cwd=REPO, env=env, capture_output=True, text=True)
+            cwd=REPO, env=cpu_env(devices), capture_output=True, text=True)
 
     first = run(2)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -2,7 +2,6 @@
 
 import functools
 import itertools
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import cpu_env
 
 from transvw_jax import transforms as T
 from transvw_jax.transforms import cube_ops as C
@@ -323,7 +322,7 @@ def test_auto_elastic_impl_is_xla_on_several_devices_native_on_one():
     assert jax.device_count() > 1 and T.resolve_elastic_impl("auto", (64, 64, 32)) == "xla"
     code = ("from transvw_jax import transforms as T; s = (64, 64, 32); "
             "print(T.resolve_elastic_impl('auto', s), T.resolve_elastic_impl('xla', s))")
-    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}
+    env = cpu_env()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2:] == ["native", "xla"]
 
